@@ -1,0 +1,292 @@
+"""What every stage script shares: flags, process setup (DDP/AMP/seeding), schedules, checkpoints, logging.
+
+Kept small on purpose: a stage script should still read top to bottom without jumping here often.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one `error: ...` line, exit code 2, nothing written."""
+
+
+def main_guard(main):
+    """Run `main`, turning a UserError (or a data error) into one clear line and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # data.DataError shares the contract without importing this module
+        if type(e).__name__ != "DataError":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- flags shared by every stage
+def add_common_args(p, epochs, batch_size, blr, warmup_epochs, out_dir):
+    """The flags every stage spells the same way; each script passes its own defaults."""
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="synthetic", help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated shapes, no download)")
+    g.add_argument("--data_path", default=None, help="dataset root (torchvision root, or a folder with train/ and val/ for imagefolder)")
+    g.add_argument("--img_size", type=int, default=None, help="input side in pixels (default: 32 for CIFAR/synthetic, 28 for Fashion-MNIST, 224 for imagefolder)")
+    g.add_argument("--data_on_gpu", type=int, default=None, choices=[0, 1], help="hold the uint8 dataset on the training device and augment there in batches (default: on for small datasets)")
+    g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per process (file-backed datasets only)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="GLOBAL batch in images, split over all processes")
+    g.add_argument("--blr", type=float, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
+    g.add_argument("--warmup_epochs", type=float, default=warmup_epochs, help="linear warm-up length before the cosine decay")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs); the schedule still spans --epochs")
+    g = p.add_argument_group("run")
+    g.add_argument("--out_dir", default=out_dir, help="run folder: ckpt.pt, log.jsonl, pictures")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (fails if there is none)")
+    g.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile the model (default: on for CUDA)")
+    g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--seed", type=int, default=0, help="seed; every random draw is a function of (seed, rank, step)")
+    g.add_argument("--log_every", type=int, default=20, help="steps between progress lines")
+    g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints (default: once per epoch)")
+    g.add_argument("--eval_every", type=int, default=0, help="epochs between k-NN evaluations on the val split (0: only at the end)")
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    return p
+
+
+# ---------------------------------------------------------------- process setup
+@dataclass
+class Proc:
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def print(self, *a, **k):
+        if self.main:
+            print(*a, **k, flush=True)
+
+
+def setup(args):
+    """Single process, or one process per GPU/CPU slot under torchrun (NCCL on GPU, gloo on CPU)."""
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(local)
+            dev = f"cuda:{local}"
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    device = torch.device(dev)
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = precision
+    if args.compile is None:
+        args.compile = int(device.type == "cuda")
+    torch.manual_seed(args.seed)  # model init: identical on every rank (DDP also broadcasts it)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Proc(rank, world, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def ddp(model, proc):
+    """Wrap in DistributedDataParallel when there are several processes. Buffers are synced once at start
+    (the queue and BN statistics then stay identical on every rank by construction), not at every forward."""
+    if proc.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import inspect
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False})  # the flag was renamed in torch 2.12+
+    return DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None, **sync)
+
+
+def seed_step(seed, rank, step):
+    """Reseed every generator from (seed, rank, step) before each step: masking noise, crops and top-k draws
+    differ per rank and per step, and a resumed run replays exactly what an uninterrupted one would."""
+    torch.manual_seed((seed * 1_000_003 + rank * 7919 + step) % 2**63)
+
+
+# ---------------------------------------------------------------- cross-rank gathers
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's slice, so
+    a loss computed against the gathered tensor trains every rank's inputs (SimCLR/MoCo v3 style)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather(x, grad=False):
+    """Concatenate x (n, ...) from all ranks in rank order; identity in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if grad:
+        return _GatherWithGrad.apply(x)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- schedules and optimiser
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up to `peak` over `warmup` steps, then half-cosine to 0 at `total` (a pure function of the
+    step, so resuming needs no scheduler state)."""
+    if step < warmup:
+        return peak * step / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def decay_groups(named_params, weight_decay, lr_scale=1.0, prefix=""):
+    """Two param groups: weight decay on matrices only; biases, norms and tokens (1-D, or named *_token) none
+    (MAE's recipe)."""
+    decay, no_decay = [], []
+    for n, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or n.endswith("_token") else decay).append(p)
+    return [g for g in (dict(params=decay, weight_decay=weight_decay, lr_scale=lr_scale),
+                        dict(params=no_decay, weight_decay=0.0, lr_scale=lr_scale)) if g["params"]]
+
+
+def adamw(groups, betas, device):
+    """AdamW; fused on CUDA (one kernel for all parameters)."""
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def ema_update(target, online, momentum):
+    """target = m * target + (1 - m) * online, over parameters (one fused op for all of them). Buffers are left
+    alone: a target BatchNorm keeps its own running statistics."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - momentum)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path, **payload):
+    """Plain tensors and primitives only (loads with weights_only=True); written to a temp file and renamed
+    so that a kill never leaves a half-written checkpoint, and the previous one survives until the rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stages=None):
+    """Load a checkpoint safely (weights_only=True: no pickled code runs) and check its stage. An official MAE
+    `.pth` ({"model": state_dict}, no stage) is returned with stage "official"."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or a pickle that wants to run code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path} (corrupt, not a checkpoint, or unsafe pickle): {first[:200]}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
+        raise UserError(f"{path} is not a checkpoint of this project or an official MAE file (no 'model' state dict)")
+    ckpt.setdefault("stage", "official")
+    if stages and ckpt["stage"] not in stages:
+        raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint; this stage needs one of: {', '.join(stages)}")
+    return ckpt
+
+
+def load_strict(module, sd, what):
+    """load_state_dict(strict) that names exactly which keys are missing, unexpected or of the wrong shape."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                 f"wrong shape {shapes[:3]}" if shapes else ""]
+        raise UserError(f"{what} does not match the model: " + "; ".join(p for p in parts if p))
+    module.load_state_dict(sd)
+
+
+def encoder_from_checkpoint(ckpt, what):
+    """(model config, encoder state dict) from a checkpoint of any stage or an official MAE file."""
+    from model import encoder_state_dict, infer_encoder_config
+    sd = encoder_state_dict(ckpt["model"])
+    try:
+        cfg = ckpt["config"] if "config" in ckpt else infer_encoder_config(sd)
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(f"{what}: cannot tell the model size from its weights ({e})")
+    return cfg, sd
+
+
+def args_dict(args):
+    """The arguments as a plain dict of primitives for the checkpoint (never a pickled Namespace)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# ---------------------------------------------------------------- logging
+class Logger:
+    """One progress line every `every` steps (step/total, loss, lr, img/s, ETA, memory) on rank 0, and one JSON
+    line per log/eval in OUT_DIR/log.jsonl. Call `step()` each step; values are only `.item()`-ed at log time."""
+
+    def __init__(self, proc, out_dir, total_steps, start_step, images_per_step, every):
+        self.proc, self.total, self.every, self.ips = proc, total_steps, every, images_per_step
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.t0, self.s0 = time.time(), start_step
+
+    def __call__(self, step, **scalars):
+        """Log after finishing `step` (1-based count of steps done) if it is due."""
+        if not (step % self.every == 0 or step == self.total):
+            return
+        vals = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scalars.items()}
+        if self.proc.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - self.t0
+        rate = (step - self.s0) * self.ips / max(dt, 1e-9)
+        eta = (self.total - step) * self.ips / max(rate, 1e-9)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if self.proc.device.type == "cuda" else 0.0
+        body = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
+        self.proc.print(f"step {step}/{self.total} {body} | {rate:,.0f} img/s | ETA {eta / 60:.1f} min | mem {mem:.1f} GiB")
+        self.write(dict(step=step, **vals, img_per_s=round(rate, 1), mem_gib=round(mem, 2)))
+        self.t0, self.s0 = time.time(), step
+
+    def write(self, record):
+        if self.proc.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def print_config(proc, args, **extra):
+    proc.print("config: " + json.dumps({**args_dict(args), **extra}, default=str))

@@ -1,0 +1,182 @@
+"""Stage 3: contrastive tuning, the step that makes the MAE features cluster by object (MAE-CT, Sec. 3).
+
+From the stage-2 checkpoint, unfreeze the upper half of the ViT and train it with the NNCLR objective. The
+positive of each view is drawn uniformly from the top-k (k = 20) nearest neighbours of the other view's target
+embedding in the queue: the lookup is the augmentation, so crop and flip are the only hand-made ones. The lower
+half (with patch embedding and CLS token) stays frozen in eval mode and runs without gradient; upper blocks get
+layer-wise decayed learning rates (0.65 per block from the top); an EMA of the projector (0.99) embeds the
+queries for the lookup and fills the queue.
+
+    # CPU smoke run
+    python contrastive_tune.py --init_from runs/head_smoke/ckpt.pt --dataset synthetic --epochs 3 --out_dir runs/ct_smoke --device cpu
+    # CIFAR-10, one GPU
+    python contrastive_tune.py --init_from runs/head_c10/ckpt.pt --dataset cifar10 --data_path data/ --out_dir runs/ct_c10
+    # ImageNet, ViT-B/16, 8 GPUs (paper: 20 epochs, batch 1024, temperature 0.15)
+    torchrun --nproc_per_node=8 contrastive_tune.py --init_from runs/head_in1k/ckpt.pt --dataset imagefolder \\
+        --data_path /data/imagenet --batch_size 1024 --out_dir runs/ct_in1k
+    # MAE-CT_aug: add --views aug --head_blr 5e-4
+
+Writes OUT_DIR/ckpt.pt (stage "ct"; with --encoder_ema also the EMA encoder) and log.jsonl; evaluate.py reads it.
+"""
+import argparse
+import copy
+import os
+
+import torch
+
+import common
+import data
+from init_head import add_head_args, check_queue, nn_accuracy
+from model import MAECT
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_epochs=4, out_dir="runs/ct")
+    add_head_args(p)
+    g = p.add_argument_group("contrastive tuning")
+    g.add_argument("--topk", type=int, default=20, help="the positive is drawn uniformly from this many nearest neighbours (paper: 20; 1 = NNCLR)")
+    g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen (default: half the depth)")
+    g.add_argument("--layer_decay", type=float, default=0.65, help="block b trains at lr * layer_decay^(depth - b)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of the encoder")
+    g.add_argument("--head_blr", type=float, default=1e-4, help="base lr of the head (paper: 1e-4; 5e-4 for MAE-CT_aug)")
+    g.add_argument("--target_ema", type=float, default=0.99, help="momentum of the target projector (paper: 0.99; 0.995 for H)")
+    g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 on ImageNet; 0 = off)")
+    g.add_argument("--views", default="minimal", choices=["minimal", "aug"], help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug)")
+    return p.parse_args(argv)
+
+
+def param_groups(raw, args):
+    """Layer-wise lr decay over the trainable blocks (block b: layer_decay^(depth - b)), final LN at x1, the head
+    at head_blr/blr; weight decay 0.05 on encoder matrices, head_weight_decay on head matrices, none on 1-D."""
+    enc = raw.encoder
+    depth = len(enc.blocks)
+    groups = []
+    for b in range(args.frozen_blocks, depth):
+        groups += common.decay_groups(enc.blocks[b].named_parameters(), args.weight_decay, args.layer_decay ** (depth - b))
+    groups += common.decay_groups(enc.norm.named_parameters(), args.weight_decay, 1.0)
+    groups += common.decay_groups(raw.head.named_parameters(), args.head_weight_decay, args.head_blr / args.blr)
+    return groups
+
+
+def main():
+    args = parse_args()
+    if args.dataset not in data.DATASETS:
+        raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+    if args.topk < 1:
+        raise common.UserError("--topk must be at least 1")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
+    prev = common.load_checkpoint(args.init_from, stages=["head"])
+    cfg, head_args = prev["config"], prev["args"]
+    for k in ("pooling", "proj_hidden", "proj_dim", "pred_hidden"):  # the head's shape comes from stage 2
+        setattr(args, k, head_args[k])
+    args.img_size = args.img_size or cfg["img_size"]
+    if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
+        raise common.UserError(f"{args.init_from} was trained on {cfg['in_chans']}-channel {cfg['img_size']} px images; "
+                               f"{args.dataset} at --img_size {args.img_size} does not fit")
+    depth = cfg["depth"]
+    args.frozen_blocks = depth // 2 if args.frozen_blocks is None else args.frozen_blocks
+    if not 0 <= args.frozen_blocks < depth:
+        raise common.UserError(f"--frozen_blocks must be in [0, {depth - 1}]")
+
+    # ---- process ----
+    proc = common.setup(args)
+    local_batch = args.batch_size // proc.world
+
+    # ---- data ----
+    train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
+    check_queue(args, len(train))
+    loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
+                             args.seed, num_workers=args.num_workers)
+    train_labels = train.labels.to(proc.device)
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+
+    # ---- model: stage-2 encoder + head; the target projector starts as a copy of the projector ----
+    model = MAECT(cfg, args.queue_size, args.pooling, args.proj_hidden, args.proj_dim, args.pred_hidden, target=True)
+    sd = dict(prev["model"])
+    if sd["queue.embeddings"].shape != model.queue.embeddings.shape:  # a new queue length starts empty
+        proc.print(f"queue length {sd['queue.embeddings'].shape[0]} -> {args.queue_size}: starting with an empty queue")
+        sd.update({k: v for k, v in model.state_dict().items() if k.startswith("queue.")})
+    for k in [k for k in sd if k.startswith("head.projector.")]:
+        sd["target_projector." + k[len("head.projector."):]] = sd[k]
+    common.load_strict(model, sd, args.init_from)
+    enc = model.encoder
+    for m in [enc.patch_embed, *enc.blocks[:args.frozen_blocks]]:
+        m.requires_grad_(False)
+    enc.cls_token.requires_grad_(False)
+    model.to(proc.device)
+    encoder_ema = copy.deepcopy(enc).requires_grad_(False) if args.encoder_ema > 0 else None
+
+    # ---- optimiser: lr = blr * views per step / 256, scaled per group ----
+    lr = args.blr * args.batch_size * 2 / 256
+    opt = common.adamw(param_groups(model, args), (0.9, 0.999), proc.device)
+    step = 0
+    if args.resume:
+        ckpt = common.load_checkpoint(ckpt_path, stages=["ct"])
+        common.load_strict(model, ckpt["model"], ckpt_path)
+        opt.load_state_dict(ckpt["optimizer"])
+        if encoder_ema is not None:
+            common.load_strict(encoder_ema, ckpt["encoder_ema"], ckpt_path + " (encoder_ema)")
+        step = ckpt["step"]
+        proc.print(f"resumed from {ckpt_path} at step {step}")
+    common.print_config(proc, args, lr=lr, total_steps=total_steps, world=proc.world)
+
+    # ---- compile, DDP ----
+    raw = model
+    if args.compile:
+        model.encoder.compile()
+        model.head.compile()
+    model = common.ddp(model, proc)
+
+    # ---- loop ----
+    if proc.main:
+        os.makedirs(args.out_dir, exist_ok=True)
+    log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size, args.log_every)
+    last_step = min(total_steps, args.max_steps or total_steps)
+    save_every = args.save_every or steps_per_epoch
+    gather = lambda x: common.gather(x, grad=True)
+    frozen = [enc.patch_embed, *enc.blocks[:args.frozen_blocks]]
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        loader.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        model.train()
+        for m in frozen:
+            m.eval()
+        batches = iter(loader)
+        for _ in range(step % steps_per_epoch, steps_per_epoch):
+            common.seed_step(args.seed, proc.rank, step)  # before the batch: its crops are random draws too
+            idx, (v0, v1), labels = next(batches)
+            cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
+            common.set_lr(opt, cur_lr)
+            with proc.autocast():
+                loss, z0, slots = model([v0, v1], idx, args.temperature, args.topk, args.frozen_blocks, gather, proc.rank)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            common.ema_update(raw.target_projector, raw.head.projector, args.target_ema)
+            if encoder_ema is not None:
+                common.ema_update(encoder_ema, raw.encoder, args.encoder_ema)
+            raw.queue.enqueue(common.gather(z0), common.gather(idx))  # target embeddings of view 0, all ranks
+            step += 1
+            if step % args.log_every == 0 or step == last_step:
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(raw, slots, labels, train_labels),
+                    lr=cur_lr)
+            if step % save_every == 0 or step == last_step:
+                if proc.main:
+                    extra = dict(encoder_ema=encoder_ema.state_dict()) if encoder_ema is not None else {}
+                    common.save_checkpoint(ckpt_path, stage="ct", config=cfg, model=raw.state_dict(),
+                                           optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
+                                           args=common.args_dict(args), **extra)
+                if proc.world > 1:
+                    torch.distributed.barrier()
+            if step >= last_step:
+                break
+    proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,162 @@
+"""Stage 2: train an NNCLR head on the frozen MAE encoder (MAE-CT, Sec. 3).
+
+Contrastive tuning needs a head that already structures the embedding well; a random head would first pull the
+encoder towards its own noise. So: encoder frozen (eval mode, no gradient), head trained with NNCLR where the
+positive of each view is the exact nearest neighbour (top-1) of the other view in a queue of past embeddings.
+
+    # CPU smoke run on generated shapes, from a stage-1 checkpoint
+    python init_head.py --init_from runs/mae_smoke/ckpt.pt --dataset synthetic --epochs 3 --out_dir runs/head_smoke --device cpu
+    # CIFAR-10 on one GPU
+    python init_head.py --init_from runs/mae_c10/ckpt.pt --dataset cifar10 --data_path data/ --out_dir runs/head_c10
+    # ImageNet from the official MAE ViT-B/16 weights, 8 GPUs (paper: 20 epochs, batch 1024, queue 65536)
+    torchrun --nproc_per_node=8 init_head.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\
+        --data_path /data/imagenet --img_size 224 --batch_size 1024 --out_dir runs/head_in1k
+
+The NN accuracy in the log (how often the looked-up neighbour has the query's label; monitoring only, labels are
+never used for training) should rise during the run. Writes OUT_DIR/ckpt.pt (stage "head") and log.jsonl.
+"""
+import argparse
+import os
+
+import torch
+
+import common
+import data
+from model import MAECT, init_weights
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_epochs=4, out_dir="runs/head")
+    add_head_args(p)
+    return p.parse_args(argv)
+
+
+def add_head_args(p, temperature=0.15):
+    """NNCLR flags, shared with contrastive_tune.py."""
+    g = p.add_argument_group("NNCLR")
+    g.add_argument("--init_from", required=True, help="checkpoint of the previous stage (or an official MAE .pth)")
+    g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS (default: the paper's choice for the model size)")
+    g.add_argument("--queue_size", type=int, default=None, help="queue length; a multiple of the global batch (default: min(65536, train size) rounded down to one)")
+    g.add_argument("--temperature", type=float, default=temperature, help="softmax temperature of the NNCLR loss (paper: 0.15 B, 0.2 L, 0.3 H)")
+    g.add_argument("--proj_hidden", type=int, default=2048, help="projector hidden width")
+    g.add_argument("--proj_dim", type=int, default=256, help="embedding width (projector output, queue entries)")
+    g.add_argument("--pred_hidden", type=int, default=4096, help="predictor hidden width")
+    g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the head")
+    return p
+
+
+def check_queue(args, n_train):
+    """Resolve --queue_size and refuse settings that the FIFO cannot honour."""
+    if args.queue_size is None:
+        args.queue_size = max(args.batch_size, min(65536, n_train) // args.batch_size * args.batch_size)
+    if args.queue_size % args.batch_size:
+        raise common.UserError(f"--queue_size {args.queue_size} is not a multiple of the global batch {args.batch_size}")
+    if getattr(args, "topk", 1) > args.queue_size:
+        raise common.UserError(f"--topk {args.topk} is larger than the queue ({args.queue_size})")
+
+
+def nn_accuracy(raw, slots, labels, train_labels):
+    """Fraction of looked-up neighbours whose image has the query's label (-1 = empty slot, never right)."""
+    qidx = raw.queue.indices[slots]
+    return ((qidx >= 0) & (train_labels[qidx.clamp(min=0)] == labels)).float().mean()
+
+
+def main():
+    args = parse_args()
+    if args.dataset not in data.DATASETS:
+        raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
+    prev = common.load_checkpoint(args.init_from, stages=["mae", "official"])
+    cfg, enc_sd = common.encoder_from_checkpoint(prev, args.init_from)
+    args.img_size = args.img_size or cfg["img_size"]
+    if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
+        raise common.UserError(f"{args.init_from} was trained on {cfg['in_chans']}-channel {cfg['img_size']} px images; "
+                               f"{args.dataset} at --img_size {args.img_size} does not fit")
+    args.pooling = args.pooling or cfg["pooling"]
+
+    # ---- process ----
+    proc = common.setup(args)
+    local_batch = args.batch_size // proc.world
+
+    # ---- data: two views per image, crop + flip only ----
+    train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
+    check_queue(args, len(train))
+    loader = data.ViewLoader(train, local_batch, "minimal", 2, args.img_size, proc.device, proc.rank, proc.world,
+                             args.seed, num_workers=args.num_workers)
+    train_labels = train.labels.to(proc.device)
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+
+    # ---- model: frozen encoder from stage 1, fresh head ----
+    model = MAECT(cfg, args.queue_size, args.pooling, args.proj_hidden, args.proj_dim, args.pred_hidden)
+    init_weights(model.head)
+    common.load_strict(model.encoder, enc_sd, args.init_from)
+    model.encoder.requires_grad_(False)
+    model.to(proc.device)
+
+    # ---- optimiser: lr = blr * views per step / 256 ----
+    lr = args.blr * args.batch_size * 2 / 256
+    opt = common.adamw(common.decay_groups(model.head.named_parameters(), args.head_weight_decay), (0.9, 0.999), proc.device)
+    step = 0
+    if args.resume:
+        ckpt = common.load_checkpoint(ckpt_path, stages=["head"])
+        common.load_strict(model, ckpt["model"], ckpt_path)
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        proc.print(f"resumed from {ckpt_path} at step {step}")
+    common.print_config(proc, args, lr=lr, total_steps=total_steps, world=proc.world)
+
+    # ---- compile, DDP ----
+    raw = model
+    if args.compile:
+        model.encoder.compile()
+        model.head.compile()
+    model = common.ddp(model, proc)
+
+    # ---- loop ----
+    if proc.main:
+        os.makedirs(args.out_dir, exist_ok=True)
+    log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size, args.log_every)
+    last_step = min(total_steps, args.max_steps or total_steps)
+    save_every = args.save_every or steps_per_epoch
+    gather = lambda x: common.gather(x, grad=True)
+    model.train()
+    raw.encoder.eval()  # frozen: eval mode, and run without gradient (frozen_blocks = depth)
+    depth = len(raw.encoder.blocks)
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        loader.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        batches = iter(loader)
+        for _ in range(step % steps_per_epoch, steps_per_epoch):
+            common.seed_step(args.seed, proc.rank, step)  # before the batch: its crops are random draws too
+            idx, (v0, v1), labels = next(batches)
+            cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
+            common.set_lr(opt, cur_lr)
+            with proc.autocast():
+                loss, z0, slots = model([v0, v1], idx, args.temperature, 1, depth, gather, proc.rank)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            raw.queue.enqueue(common.gather(z0), common.gather(idx))  # after the step, as the authors
+            step += 1
+            if step % args.log_every == 0 or step == last_step:
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(raw, slots, labels, train_labels),
+                    lr=cur_lr)
+            if step % save_every == 0 or step == last_step:
+                if proc.main:
+                    common.save_checkpoint(ckpt_path, stage="head", config=cfg, model=raw.state_dict(),
+                                           optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
+                                           args=common.args_dict(args))
+                if proc.world > 1:
+                    torch.distributed.barrier()
+            if step >= last_step:
+                break
+    proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,160 @@
+"""Stage 1: MAE pre-training (He et al. 2022), the starting point of MAE-CT.
+
+The encoder sees a random 25% of the patches; a light decoder predicts the normalised pixels of the other 75%.
+Only the loss on masked patches counts. The result is a rich but not object-clustered feature (see stage 2/3).
+
+    # CPU smoke run (about a minute): generated shapes, a 0.2M-parameter ViT
+    python pretrain_mae.py --dataset synthetic --model vit_nano --epochs 5 --out_dir runs/mae_smoke --device cpu
+    # CIFAR-10, one GPU: ViT-T/4, 800 epochs (the data lives on the GPU, augmented there in batches)
+    python pretrain_mae.py --dataset cifar10 --data_path data/ --model vit_tiny --epochs 800 --out_dir runs/mae_c10
+    # ImageNet-100 (or ImageNet), 8 GPUs: ViT-B/16 at 224 px
+    torchrun --nproc_per_node=8 pretrain_mae.py --dataset imagefolder --data_path /data/imagenet100 \\
+        --model vit_base --patch_size 16 --img_size 224 --batch_size 1024 --epochs 800 --out_dir runs/mae_in100
+
+Writes OUT_DIR/ckpt.pt (stage "mae") every epoch, log.jsonl and recon_*.png (val images | masked | output).
+Kill it at any time and rerun with --resume: the run continues as if never interrupted.
+"""
+import argparse
+import os
+import time
+
+import torch
+from torchvision.utils import save_image
+
+import common
+import data
+from model import PRESETS, MaskedAutoencoder, init_weights, model_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, epochs=800, batch_size=1024, blr=1.5e-4, warmup_epochs=40, out_dir="runs/mae")
+    g = p.add_argument_group("MAE")
+    g.add_argument("--model", default="vit_tiny", choices=list(PRESETS), help="size preset (model.PRESETS); vit_nano for CPU smoke runs")
+    g.add_argument("--patch_size", type=int, default=None, help="patch side (default: 4 for images <= 64 px, else 16)")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed (MAE: 0.75)")
+    g.add_argument("--num_views", type=int, default=1, help="views per image per step (the MAE-CT authors use 2; lr counts views)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on matrices (none on biases, norms, tokens)")
+    g.add_argument("--no_norm_pix_loss", action="store_true", help="regress raw pixels instead of per-patch normalised ones")
+    g.add_argument("--pictures", type=int, default=1, help="save a reconstruction grid of val images every N epochs (0: never)")
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    if args.dataset not in data.DATASETS:
+        raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+    args.img_size = args.img_size or data.default_img_size(args.dataset)
+    args.patch_size = args.patch_size or (4 if args.img_size <= 64 else 16)
+    try:
+        cfg = model_config(args.model, args.img_size, args.patch_size, data.num_channels(args.dataset))
+    except ValueError as e:
+        raise common.UserError(str(e))
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
+
+    # ---- process ----
+    proc = common.setup(args)
+    local_batch = args.batch_size // proc.world
+
+    # ---- data ----
+    train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
+    val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed)
+    if len(train) < args.batch_size:
+        raise common.UserError(f"--batch_size {args.batch_size} is larger than the training set ({len(train)} images)")
+    loader = data.ViewLoader(train, local_batch, "mae", args.num_views, args.img_size, proc.device, proc.rank,
+                             proc.world, args.seed, num_workers=args.num_workers)
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+
+    # ---- model ----
+    model = MaskedAutoencoder(**cfg, norm_pix_loss=not args.no_norm_pix_loss)
+    init_weights(model)
+    model.to(proc.device)
+
+    # ---- optimiser: lr = blr * views per step / 256 ----
+    lr = args.blr * args.batch_size * args.num_views / 256
+    opt = common.adamw(common.decay_groups(model.named_parameters(), args.weight_decay), (0.9, 0.95), proc.device)
+    step = 0
+    if args.resume:
+        ckpt = common.load_checkpoint(ckpt_path, stages=["mae"])
+        common.load_strict(model, ckpt["model"], ckpt_path)
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        proc.print(f"resumed from {ckpt_path} at step {step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    common.print_config(proc, args, lr=lr, total_steps=total_steps, params=n_params, world=proc.world)
+
+    # ---- compile, DDP ----
+    raw = model
+    if args.compile:
+        model = torch.compile(model)
+    model = common.ddp(model, proc)
+
+    # ---- loop ----
+    if proc.main:
+        os.makedirs(args.out_dir, exist_ok=True)
+    log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size * args.num_views, args.log_every)
+    last_step = min(total_steps, args.max_steps or total_steps)
+    save_every = args.save_every or steps_per_epoch
+    model.train()
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        loader.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        batches = iter(loader)
+        for _ in range(step % steps_per_epoch, steps_per_epoch):
+            common.seed_step(args.seed, proc.rank, step)  # before the batch: its crops are random draws too
+            idx, views, _ = next(batches)
+            cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
+            common.set_lr(opt, cur_lr)
+            imgs = torch.cat(views) if len(views) > 1 else views[0]  # (V*B, C, H, W)
+            with proc.autocast():
+                loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            log(step, epoch=epoch, loss=loss.detach(), lr=cur_lr)
+            if step % save_every == 0 or step == last_step:
+                save(proc, args, raw, opt, step, epoch, cfg, ckpt_path)
+            if step >= last_step:
+                break
+        if args.pictures and proc.main and ((epoch + 1) % args.pictures == 0 or step == last_step):
+            save_reconstructions(raw, val, args, proc, os.path.join(args.out_dir, f"recon_ep{epoch:04d}.png"))
+    proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
+
+
+def save(proc, args, raw, opt, step, epoch, cfg, path):
+    if proc.main:
+        common.save_checkpoint(path, stage="mae", config=cfg, model=raw.state_dict(), optimizer=opt.state_dict(),
+                               step=step, epoch=epoch, seed=args.seed, args=common.args_dict(args))
+    if proc.world > 1:
+        torch.distributed.barrier()
+
+
+@torch.no_grad()
+def save_reconstructions(model, val, args, proc, path, n=8):
+    """A grid of rows: val image | masked input | reconstruction with the visible patches pasted back."""
+    model.eval()
+    loader = data.ViewLoader(val, n, "eval", 1, args.img_size, proc.device, shuffle=False, drop_last=False, num_workers=0)
+    imgs = next(iter(loader))[1][0]  # (n, C, H, W), normalised
+    torch.manual_seed(args.seed)
+    with proc.autocast():
+        _, pred, mask = model(imgs, mask_ratio=args.mask_ratio)
+    pred = pred.float()
+    if model.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
+        target = model.patchify(imgs)
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    mask_img = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))  # 1 = masked, (n, C, H, W)
+    recon = model.unpatchify(pred) * mask_img + imgs * (1 - mask_img)
+    mean = torch.tensor(val.mean, device=imgs.device).view(1, -1, 1, 1)
+    std = torch.tensor(val.std, device=imgs.device).view(1, -1, 1, 1)
+    rows = [t * std + mean for t in (imgs, imgs * (1 - mask_img), recon)]
+    save_image(torch.cat(rows).clamp(0, 1), path, nrow=n)
+    model.train()
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,48 @@
+"""Shared test helpers: the repo on sys.path, the shared test data, and running a stage script as a user would."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+
+def run_script(*args, timeout=120, env=None):
+    """Run `python <args>` in the repo root (args[0] is the script); returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def run_torchrun(*args, nproc=2, timeout=120, env=None):
+    """`torchrun --standalone --nproc_per_node=N <args>` in the repo root, with this interpreter's torchrun."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def needs_cifar():
+    path = SHARED_DATA / "cifar10-5k"
+    if not path.is_dir():
+        pytest.skip(f"shared test data absent: {path} (see /work/shared/data/README.md)")
+    return path
+
+
+@pytest.fixture
+def needs_torchrun():
+    """Two CPU processes need torch.distributed with gloo; torchrun itself runs as `python -m`."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available (torchrun cannot run on CPU)")
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multiprocess: starts several processes with torchrun (gloo, CPU)")
+    config.addinivalue_line("markers", "slow: runs a stage script for a few seconds or more")

@@ -1,0 +1,297 @@
+"""Stages 2 and 3: the queue lookup, the NNCLR loss, DDP equivalence, freezing, layer decay, EMA, resume, bad input."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from model import MAECT, MaskedAutoencoder, NNQueue, init_weights, model_config, nnclr_loss
+from tests.nnclr_case import HEAD, make_case
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_HEAD = ["--proj_hidden", "32", "--proj_dim", "16", "--pred_hidden", "32"]
+
+
+def run(script, *args, timeout=180):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- queue
+def filled_queue(size=64, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = NNQueue(size, dim)
+    q.embeddings.copy_(F.normalize(torch.randn(size, dim, generator=g), dim=1))
+    q.indices.copy_(torch.randint(0, 20, (size,), generator=g))
+    return q
+
+
+def brute_force_nn(q, z, idx):
+    out = []
+    for i in range(z.shape[0]):
+        best, best_sim = None, -2.0
+        for j in range(q.embeddings.shape[0]):
+            if q.indices[j] == idx[i]:
+                continue
+            s = float(z[i] @ q.embeddings[j])
+            if s > best_sim:
+                best, best_sim = j, s
+        out.append(best)
+    return torch.tensor(out)
+
+
+def test_lookup_is_true_nearest_neighbour_and_skips_same_sample():
+    q = filled_queue()
+    z = F.normalize(torch.randn(12, 8), dim=1)
+    idx = torch.randint(0, 20, (12,))
+    nn, slots = q.lookup(z, idx, topk=1)
+    assert torch.equal(slots, brute_force_nn(q, z, idx))
+    assert torch.equal(nn, q.embeddings[slots])
+    assert not (q.indices[slots] == idx).any()
+
+
+def test_lookup_never_returns_own_sample_even_when_it_is_closest():
+    q = filled_queue()
+    z = q.embeddings[:5].clone()  # each query is exactly an entry of its own sample
+    idx = q.indices[:5].clone()
+    _, slots = q.lookup(z, idx, topk=1)
+    assert not (q.indices[slots] == idx).any()
+    _, slots = q.lookup(z, idx, topk=4)
+    assert not (q.indices[slots] == idx).any()
+
+
+def test_topk_draws_only_from_true_topk_and_covers_it():
+    q = filled_queue()
+    z = F.normalize(torch.randn(3, 8), dim=1)
+    idx = torch.full((3,), -5)  # no entry shares the sample
+    k = 5
+    true_topk = (z @ q.embeddings.T).topk(k, dim=1).indices
+    seen = [set() for _ in range(3)]
+    for s in range(200):
+        torch.manual_seed(s)
+        _, slots = q.lookup(z, idx, topk=k)
+        for i in range(3):
+            assert int(slots[i]) in set(true_topk[i].tolist())
+            seen[i].add(int(slots[i]))
+    assert all(len(s) == k for s in seen), "uniform draw from the top-k should reach all k entries"
+
+
+def test_fifo_order_and_wraparound():
+    q = NNQueue(6, 4)
+    batches = [(F.normalize(torch.randn(2, 4), dim=1), torch.tensor([10 * b, 10 * b + 1])) for b in range(4)]
+    for z, i in batches[:3]:
+        q.enqueue(z, i)
+    assert int(q.ptr) == 0  # 3 batches of 2 fill 6 slots and wrap to the start
+    assert q.indices.tolist() == [0, 1, 10, 11, 20, 21]
+    q.enqueue(*batches[3])  # the oldest entries are overwritten first
+    assert q.indices.tolist() == [30, 31, 10, 11, 20, 21]
+    assert torch.equal(q.embeddings[:2], batches[3][0])
+    assert int(q.ptr) == 2
+
+
+# ---------------------------------------------------------------- loss
+def plain_loss(nn_a, pred_b, t):
+    """The NNCLR loss written out: -log softmax of the matching pair, averaged."""
+    total = 0.0
+    for i in range(nn_a.shape[0]):
+        logits = [float(nn_a[i] @ pred_b[j]) / t for j in range(pred_b.shape[0])]
+        m = max(logits)
+        total += -(logits[i] - m - torch.log(torch.tensor([l - m for l in logits]).exp().sum()).item())
+    return total / nn_a.shape[0]
+
+
+def test_loss_equals_plain_recomputation():
+    a, b = F.normalize(torch.randn(6, 5), dim=1), F.normalize(torch.randn(6, 5), dim=1)
+    assert nnclr_loss(a, b, 0.15).item() == pytest.approx(plain_loss(a, b, 0.15), rel=1e-5)
+
+
+def test_model_loss_is_symmetric_cross_view_with_queue_neighbours():
+    model, views, idx, kw = make_case(stage3=False)
+    loss, z0, _ = model(views, idx, **kw)
+    with torch.no_grad():  # recompute by hand
+        feats = model.encoder(torch.cat(views), "mean").chunk(2)
+        proj = [model.head.projector(f) for f in feats]
+        pred = [F.normalize(model.head.predictor(p), dim=1) for p in proj]
+        z = [F.normalize(p, dim=1) for p in proj]
+        nn = [model.queue.embeddings[brute_force_nn(model.queue, zz, idx)] for zz in z]
+    expected = (plain_loss(nn[0], pred[1], kw["temperature"]) + plain_loss(nn[1], pred[0], kw["temperature"])) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert torch.allclose(z0, z[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("stage3", [False, True])
+def test_two_ranks_equal_one_process(tmp_path, stage3):
+    """torchrun --nproc_per_node=2 (gloo): loss, gradients, BN statistics and the queue after one step equal a
+    single process given the concatenated batch."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    out = tmp_path / "ddp.pt"
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port", str(29500 + int(stage3) + os.getpid() % 500),
+                        str(ROOT / "tests" / "ddp_nnclr.py"), str(out), str(int(stage3))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    model, views, idx, kw = make_case(stage3)
+    loss, z0, _ = model(views, idx, **kw)
+    loss.backward()
+    model.queue.enqueue(z0, idx)
+    assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert got["grads"].keys() == grads.keys() and len(grads) > 0
+    for k in grads:
+        assert torch.allclose(got["grads"][k], grads[k], rtol=1e-4, atol=1e-6), k
+    for k, v in model.queue.state_dict().items():
+        assert torch.allclose(got["queue"][k].float(), v.float(), atol=1e-6), k
+    for k, v in got["bn"].items():
+        assert torch.allclose(v, model.state_dict()[k], rtol=1e-4, atol=1e-6), k
+
+
+# ---------------------------------------------------------------- EMA and layer decay
+def test_ema_update_equals_closed_form():
+    m = 0.9
+    target, online = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    t0 = target.weight.detach().clone()
+    history = []
+    for _ in range(5):
+        with torch.no_grad():
+            online.weight.add_(torch.randn(2, 3))
+        history.append(online.weight.detach().clone())
+        common.ema_update(target, online, m)
+    k = len(history)
+    closed = m ** k * t0 + sum((1 - m) * m ** (k - 1 - j) * h for j, h in enumerate(history))
+    assert torch.allclose(target.weight, closed, atol=1e-6)
+
+
+def test_layer_decay_groups():
+    from contrastive_tune import param_groups
+    cfg = model_config("vit_nano", 16, 4, 3)
+    model = MAECT(cfg, 16, "mean", **HEAD, target=True)
+    args = argparse.Namespace(frozen_blocks=2, layer_decay=0.5, weight_decay=0.05, head_weight_decay=1e-5,
+                              head_blr=3e-4, blr=1e-4)
+    groups = param_groups(model, args)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    depth = cfg["depth"]
+    for b in range(depth):
+        for n, p in model.encoder.blocks[b].named_parameters():
+            if b < 2:
+                assert id(p) not in scale_of
+            else:
+                assert scale_of[id(p)] == (0.5 ** (depth - b), 0.0 if p.ndim == 1 else 0.05), (b, n)
+    for p in model.encoder.norm.parameters():
+        assert scale_of[id(p)][0] == 1.0
+    for n, p in model.head.named_parameters():
+        assert scale_of[id(p)] == (pytest.approx(3.0), 0.0 if p.ndim == 1 else 1e-5)
+    assert all(id(p) not in scale_of for p in model.target_projector.parameters())
+    opt = torch.optim.AdamW(groups, lr=0.0)
+    common.set_lr(opt, 2e-3)
+    assert all(g["lr"] == pytest.approx(2e-3 * g["lr_scale"]) for g in opt.param_groups)
+
+
+# ---------------------------------------------------------------- the scripts
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A stage-1 checkpoint (vit_nano, untrained: these tests are about mechanics) and a short stage 2."""
+    d = tmp_path_factory.mktemp("chain")
+    cfg = model_config("vit_nano", 32, 4, 3)
+    mae = init_weights(MaskedAutoencoder(**cfg))
+    common.save_checkpoint(str(d / "mae.pt"), stage="mae", config=cfg, model=mae.state_dict(), step=0)
+    r = run("init_head.py", "--init_from", d / "mae.pt", "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
+            "--max_steps", "4", "--out_dir", d / "head", "--device", "cpu", "--warmup_epochs", "0.1", *SMALL_HEAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+def test_stage2_leaves_encoder_bit_identical(chain):
+    mae = torch.load(chain / "mae.pt", weights_only=True)["model"]
+    head = torch.load(chain / "head" / "ckpt.pt", weights_only=True)
+    assert head["stage"] == "head" and head["step"] == 4
+    enc = {k[len("encoder."):]: v for k, v in head["model"].items() if k.startswith("encoder.")}
+    assert enc.keys() and all(torch.equal(v, mae[k]) for k, v in enc.items())
+    fresh = init_weights(MAECT(mae_cfg(chain), head["args"]["queue_size"], "mean", **HEAD))
+    moved = [k for k, v in fresh.head.state_dict().items() if not torch.equal(v, head["model"]["head." + k])]
+    assert moved, "the head should have trained"
+    assert (head["model"]["queue.indices"] >= 0).sum() == 4 * 64  # 4 steps of 64 enqueued
+
+
+def mae_cfg(chain):
+    return torch.load(chain / "mae.pt", weights_only=True)["config"]
+
+
+def ct(chain, out, *extra):
+    return run("contrastive_tune.py", "--init_from", chain / "head" / "ckpt.pt", "--dataset", "synthetic",
+               "--epochs", "1", "--batch_size", "64", "--out_dir", out, "--device", "cpu", "--warmup_epochs", "0.1",
+               "--topk", "3", *extra)
+
+
+def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):
+    r = ct(chain, tmp_path / "ct", "--max_steps", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = torch.load(chain / "head" / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)
+    assert after["stage"] == "ct"
+    for k, v in before.items():
+        if not k.startswith("encoder.") or "pos_embed" in k:
+            continue
+        frozen = k.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.blocks.0.", "encoder.blocks.1."))
+        assert torch.equal(v, after["model"][k]) == frozen, k
+    # the target projector is an EMA of the projector: moved, but less than the projector itself
+    w0 = before["head.projector.0.weight"]
+    d_online = (after["model"]["head.projector.0.weight"] - w0).norm()
+    d_target = (after["model"]["target_projector.0.weight"] - w0).norm()
+    assert 0 < d_target < d_online
+
+
+def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ema = ["--encoder_ema", "0.9", "--save_every", "2"]
+    assert ct(chain, a, "--max_steps", "4", *ema).returncode == 0
+    assert ct(chain, b, "--max_steps", "2", *ema).returncode == 0
+    r = ct(chain, b, "--max_steps", "4", "--resume", *ema)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    ca, cb = (torch.load(x / "ckpt.pt", weights_only=True) for x in (a, b))
+    assert ca["step"] == cb["step"] == 4
+    for part in ("model", "encoder_ema"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
+
+
+def test_official_mae_file_is_accepted_by_init_head(tmp_path):
+    cfg = model_config("vit_nano", 32, 4, 3)
+    sd = init_weights(MaskedAutoencoder(**cfg)).state_dict()
+    enc = {k: v for k, v in sd.items() if not k.startswith("decoder") and k != "mask_token"}
+    torch.save({"model": enc}, tmp_path / "mae_pretrain_vit_nano.pth")  # the official layout: {"model": sd}
+    r = run("init_head.py", "--init_from", tmp_path / "mae_pretrain_vit_nano.pth", "--dataset", "synthetic",
+            "--batch_size", "64", "--max_steps", "2", "--out_dir", tmp_path / "h", "--device", "cpu", *SMALL_HEAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(tmp_path / "h" / "ckpt.pt", weights_only=True)["config"]["embed_dim"] == 64
+
+
+def assert_refused(r, out, text):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error:") and text in lines[-1], lines[-3:]
+    assert not (Path(out) / "ckpt.pt").exists()
+
+
+def test_bad_input(chain, tmp_path):
+    out = tmp_path / "o"
+    assert_refused(run("contrastive_tune.py", "--init_from", chain / "mae.pt", "--out_dir", out), out, "'mae' checkpoint")
+    assert_refused(run("init_head.py", "--init_from", chain / "head" / "ckpt.pt", "--out_dir", out), out, "'head' checkpoint")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes((chain / "head" / "ckpt.pt").read_bytes()[:3000])
+    assert_refused(run("contrastive_tune.py", "--init_from", bad, "--out_dir", out), out, "cannot read checkpoint")
+    ck = torch.load(chain / "head" / "ckpt.pt", weights_only=True)
+    ck["model"]["encoder.blocks.3.mlp.fc1.weight"] = torch.zeros(3, 3)
+    torch.save(ck, tmp_path / "shapes.pt")
+    assert_refused(ct(chain, out, "--init_from", tmp_path / "shapes.pt"), out, "wrong shape")
+    assert_refused(ct(chain, out, "--topk", "100000"), out, "larger than the queue")
+    assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
+    assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")

@@ -1,0 +1,303 @@
+"""Tests for data.py: crop boxes, batched views, sharding, and every dataset loader. CPU, a few seconds."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR5K = SHARED / "cifar10-5k"
+needs_cifar5k = pytest.mark.skipif(not CIFAR5K.is_dir(), reason=f"shared test data absent: {CIFAR5K}")
+
+
+# ---- crop boxes ----
+
+def test_crop_boxes_follow_torchvision_get_params():
+    torch.manual_seed(0)
+    H, W, n = 180, 240, 20000
+    top, left, h, w = data.random_resized_crop_boxes(n, H, W, (0.08, 1.0), (3 / 4, 4 / 3), "cpu").unbind(1)
+    assert torch.equal(h, h.round()) and torch.equal(w, w.round()) and (h >= 1).all() and (w >= 1).all()
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    # W/H = 4/3 is inside the ratio range, so a fallback box is the whole image.
+    fallback = (h == H) & (w == W) & (top == 0) & (left == 0)
+    h, w, top, left = h[~fallback], w[~fallback], top[~fallback], left[~fallback]
+    area, ratio = h * w / (H * W), w / h
+    slack = (h + w) / (H * W)  # w and h are rounded to integers: area may move by about (h + w) / 2 pixels
+    assert (area >= 0.08 - slack).all() and (area <= 1.0 + slack).all()
+    rel = 1 / torch.minimum(h, w)  # rounding changes w/h by at most ~1/min(h, w) relatively
+    assert (ratio >= 3 / 4 * (1 - rel)).all() and (ratio <= 4 / 3 * (1 + rel)).all()
+    # The whole ranges are used, not a corner of them, and positions are uniform.
+    assert area.min() < 0.1 and area.max() > 0.95 and ratio.min() < 0.78 and ratio.max() > 1.28
+    # Same distribution as torchvision's own sampler (rejections at large scales shift the mean below 0.54).
+    from torchvision.transforms import RandomResizedCrop
+    ref = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, H, W), [0.08, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(5000)], dtype=torch.float32)  # (top, left, h, w)
+    ref_area, ref_ratio = ref[:, 2] * ref[:, 3] / (H * W), ref[:, 3] / ref[:, 2]
+    assert abs(area.mean() - ref_area.mean()) < 0.015 and abs(area.std() - ref_area.std()) < 0.015
+    assert abs(ratio.mean() - ref_ratio.mean()) < 0.01
+    free = (H - h) > 10
+    assert abs((top[free] / (H - h[free])).mean().item() - 0.5) < 0.02
+
+
+def test_crop_boxes_fallback_is_clamped_centre_crop():
+    torch.manual_seed(0)
+    # Square image, ratio 2..3 at scale >= 0.9 never fits: centre crop of the full width, height W/2.
+    boxes = data.random_resized_crop_boxes(100, 64, 64, (0.9, 1.0), (2.0, 3.0), "cpu")
+    assert (boxes == torch.tensor([16.0, 0.0, 32.0, 64.0])).all()
+    # A wide 40x200 image at scale >= 0.9 never fits either: full height, width 40 * 4/3 = 53, centred.
+    boxes = data.random_resized_crop_boxes(100, 40, 200, (0.9, 1.0), (3 / 4, 4 / 3), "cpu")
+    assert (boxes == torch.tensor([0.0, 73.0, 40.0, 53.0])).all()
+
+
+# ---- crop, resize and flip in one grid_sample ----
+
+def test_crop_resize_flip_whole_image_is_identity_and_flip_mirrors():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32)
+    whole = torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 3)
+    out = data.crop_resize_flip(x, whole, torch.zeros(3, dtype=torch.bool), 32)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    flipped = data.crop_resize_flip(x, whole, torch.tensor([True, False, True]), 32)
+    torch.testing.assert_close(flipped[[0, 2]], x[[0, 2]].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flipped[1], x[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("box", [(0, 0, 16, 16), (16, 16, 16, 16), (8, 4, 16, 24)])
+def test_crop_resize_flip_matches_torchvision_resized_crop(box):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    top, left, h, w = box
+    ref = TF.resized_crop(x, top, left, h, w, [32, 32], InterpolationMode.BICUBIC, antialias=False)
+    out = data.crop_resize_flip(x, torch.tensor([box] * 2, dtype=torch.float32), torch.tensor([False, True]), 32)
+    # Inside, the two are the same bicubic filter; at the border, torchvision clamps to the crop while we read
+    # the real pixels next to it (a bicubic tap reaches 2 source pixels = 4 output pixels out).
+    torch.testing.assert_close(out[0, :, 4:-4, 4:-4], ref[0, :, 4:-4, 4:-4], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1, :, 4:-4, 4:-4], ref[1].flip(-1)[:, 4:-4, 4:-4], atol=1e-4, rtol=0)
+    assert (out[0] - ref[0]).abs().mean() < 0.05
+
+
+def test_augment_flips_about_half():
+    torch.manual_seed(0)
+    ramp = torch.arange(32, dtype=torch.uint8).mul(8).expand(1000, 3, 32, 32)  # brighter to the right
+    (v,) = data.augment(ramp, "minimal", 1, 32, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    flipped = v[..., :16].mean(dim=(1, 2, 3)) > v[..., 16:].mean(dim=(1, 2, 3))
+    assert 0.4 < flipped.float().mean().item() < 0.6
+
+
+# ---- colour ----
+
+def test_hue_shift_matches_torchvision():
+    from torchvision.transforms import functional as TF
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    x[0] = 0.5  # grey pixels have no hue
+    shift = torch.tensor([0.1, -0.1, 0.05, 0.3, -0.45, 0.0])
+    ref = torch.stack([TF.adjust_hue(x[i], shift[i].item()) for i in range(6)])
+    torch.testing.assert_close(data._hue_shift(x, shift), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_aug_views_shapes_and_difference(channels):
+    torch.manual_seed(0)
+    x = (torch.rand(16, channels, 32, 32) * 255).to(torch.uint8)
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    views = data.augment(x, "aug", 2, 24, mean, std)
+    assert len(views) == 2
+    for v in views:
+        assert v.shape == (16, channels, 24, 24) and v.dtype == torch.float32 and torch.isfinite(v).all()
+        assert v.min() >= -2 - 1e-5 and v.max() <= 2 + 1e-5  # [0, 1] normalised with 0.5 / 0.25
+    assert (views[0] - views[1]).abs().mean() > 0.05
+
+
+def test_blur_probability_per_view():
+    # An impulse stays two-valued under every pointwise colour op; only the blur spreads it to its neighbours.
+    # Blurs with sigma < ~0.27 move the neighbour by < 1e-3 and go unseen (~9% of them), hence the margins.
+    torch.manual_seed(0)
+    impulse = torch.zeros(1500, 3, 16, 16)
+    impulse[..., 8, 8] = 1.0
+    spread = lambda v: ((v[:, :, 8, 9] - v[:, :, 0, 0]).abs().amax(dim=1) > 1e-3).float().mean().item()
+    assert spread(data.color_augment(impulse, 0)) > 0.8  # view 0: blur p 1.0
+    assert 0.04 < spread(data.color_augment(impulse, 1)) < 0.16  # view 1: blur p 0.1
+
+
+# ---- sharding ----
+
+def _toy_set(n, size=8):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, size, size).contiguous()
+    return data.ImageSet(images, torch.arange(n), ["c"], 3, (0.0,) * 3, (1.0 / 255,) * 3)
+
+
+def _epoch(loader):
+    return [idx.clone() for idx, _, _ in loader]
+
+
+def test_sharding_covers_every_index_once_and_reshuffles():
+    ds = _toy_set(64)
+    ranks = [data.ViewLoader(ds, 8, "eval", 1, 8, "cpu", rank=r, world_size=2, seed=3) for r in (0, 1)]
+    seen = []
+    for loader in ranks:
+        assert len(loader) == 4
+        for idx, (view,), labels in loader:
+            assert idx.shape == (8,) and view.shape == (8, 3, 8, 8)
+            assert torch.equal(labels, idx)  # rows stay aligned: image k holds the value k everywhere
+            torch.testing.assert_close(view[:, 0, 0, 0], idx.float(), atol=1e-3, rtol=0)
+            seen.append(idx)
+    seen = torch.cat(seen)
+    assert torch.equal(seen.sort().values, torch.arange(64))  # every index once, no overlap between ranks
+    first = torch.cat(_epoch(ranks[0]))
+    ranks[0].set_epoch(1)
+    assert not torch.equal(first, torch.cat(_epoch(ranks[0])))
+    assert not torch.equal(first, torch.arange(0, 64, 2))  # shuffled at all
+
+
+def test_drop_last_false_covers_everything_and_drop_last_true_trims():
+    ds = _toy_set(70)
+    for shuffle in (True, False):
+        loaders = [data.ViewLoader(ds, 8, "eval", 1, 8, "cpu", rank=r, world_size=2, shuffle=shuffle,
+                                   drop_last=False) for r in (0, 1)]
+        idx = torch.cat([i for loader in loaders for i in _epoch(loader)])
+        assert torch.equal(idx.sort().values, torch.arange(70))
+        assert [len(loader) for loader in loaders] == [5, 5]  # 35 per rank: 4 full batches + 3
+    loaders = [data.ViewLoader(ds, 8, "eval", 1, 8, "cpu", rank=r, world_size=2) for r in (0, 1)]
+    batches = [b for loader in loaders for b in _epoch(loader)]
+    assert len(batches) == 8 and all(len(b) == 8 for b in batches)  # 70 // 16 = 4 batches per rank
+    assert len(torch.cat(batches).unique()) == 64
+
+
+def test_start_batch_resumes_the_same_epoch():
+    ds = _toy_set(96)
+    loader = data.ViewLoader(ds, 8, "minimal", 2, 8, "cpu", rank=1, world_size=2, seed=7)
+    loader.set_epoch(5)
+    full = _epoch(loader)
+    loader.set_epoch(5, start_batch=2)
+    tail = _epoch(loader)
+    assert len(tail) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(tail, full[2:]))
+    assert len(_epoch(loader)) == len(full)  # the skip was for one pass only
+
+
+# ---- datasets ----
+
+def test_synthetic_is_deterministic_balanced_and_val_differs():
+    train = data.load_split("synthetic", None, "train", 32, seed=0)
+    again = data.load_split("synthetic", None, "train", 32, seed=0)
+    val = data.load_split("synthetic", None, "val", 32, seed=0)
+    other = data.load_split("synthetic", None, "train", 32, seed=1)
+    assert train.images.shape == (5000, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert val.images.shape == (1000, 3, 32, 32) and len(train.classes) == 10 and train.labels.dtype == torch.int64
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert not torch.equal(train.images[:1000], val.images) and not torch.equal(train.images, other.images)
+    train_rows = {bytes(im.numpy()) for im in train.images}
+    assert not any(bytes(im.numpy()) in train_rows for im in val.images)  # no val image is a train image
+    counts = torch.bincount(train.labels, minlength=10)
+    assert counts.min() >= 400 and counts.max() <= 600
+    assert train.images.float().std() > 40  # real contrast, not a flat image
+    assert data.load_split("synthetic", None, "val", 48).images.shape == (1000, 3, 48, 48)
+
+
+def test_unknown_dataset_and_missing_path_raise_data_error(tmp_path):
+    with pytest.raises(data.DataError, match="cifar10"):
+        data.load_split("mnist", None, "train", 32)
+    with pytest.raises(data.DataError, match="data_path"):
+        data.load_split("imagefolder", None, "train", 32)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_split("imagefolder", str(tmp_path / "nope"), "train", 32)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(data.DataError, match="val/"):
+        data.load_split("imagefolder", str(tmp_path), "train", 32)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(data.DataError, match="no valid file"):  # class folders without any image
+        data.load_split("imagefolder", str(tmp_path), "train", 32)
+
+
+def _png(path, mode, size=(32, 32), color=100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+
+
+def test_imagefolder_val_class_not_in_train(tmp_path):
+    _png(tmp_path / "train" / "cat" / "0.png", "RGB")
+    _png(tmp_path / "val" / "cat" / "0.png", "RGB")
+    _png(tmp_path / "val" / "dog" / "0.png", "RGB")
+    with pytest.raises(data.DataError, match="val/ has classes not in train/: dog"):
+        data.load_split("imagefolder", str(tmp_path), "val", 32)
+
+
+def test_imagefolder_modes_resize_bad_files_and_label_alignment(tmp_path):
+    for split in ("train", "val"):
+        _png(tmp_path / split / "a" / "grey.png", "L", color=50)
+        _png(tmp_path / split / "b" / "rgba.png", "RGBA", color=(10, 20, 30, 0))
+        _png(tmp_path / split / "c" / "big.png", "RGB", size=(50, 40), color=(200, 0, 0))
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not a png")  # sorts first in class a
+    _png(tmp_path / "val" / "b" / "extra.png", "RGB", color=(0, 0, 250))
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*broken\.png"):
+        train = data.load_split("imagefolder", str(tmp_path), "train", 32)
+    assert train.images.shape == (3, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [0, 1, 2]  # the broken image's label went with it
+    assert train.images[0].unique().tolist() == [50]  # grey -> 3 equal channels
+    assert train.images[1, :, 0, 0].tolist() == [10, 20, 30]  # alpha dropped
+    assert train.images[2, :, 5, 5].tolist() == [200, 0, 0]  # 50x40 -> resized and centre-cropped to 32x32
+    val = data.load_split("imagefolder", str(tmp_path), "val", 32)
+    assert val.labels.tolist() == [0, 1, 1, 2] and val.classes == ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def cifar5k_train():
+    return data.load_split("imagefolder", str(CIFAR5K), "train", 32)
+
+
+@needs_cifar5k
+def test_imagefolder_cifar10_5k_in_memory(cifar5k_train):
+    val = data.load_split("imagefolder", str(CIFAR5K), "val", 32)
+    for ds, n in ((cifar5k_train, 4000), (val, 1000)):
+        assert ds.folder is None and ds.images.shape == (n, 3, 32, 32) and ds.images.dtype == torch.uint8
+        assert len(ds) == n and ds.classes[0] == "airplane" and len(ds.classes) == 10
+        assert torch.bincount(ds.labels, minlength=10).min() > n // 20
+    assert 100 < cifar5k_train.images.float().mean() < 140  # real photos, CIFAR-10's mean is ~120
+
+
+@needs_cifar5k
+def test_file_backed_path_matches_in_memory_labels(cifar5k_train):
+    files = data.load_split("imagefolder", str(CIFAR5K), "train", 32, in_memory=False)
+    assert files.images is None and len(files) == 4000 and torch.equal(files.labels, cifar5k_train.labels)
+    loader = data.ViewLoader(files, 64, "aug", 2, 32, "cpu", rank=1, world_size=2, num_workers=0)
+    assert len(loader) == 4000 // 128
+    expect = data._shard_indices(4000, 64, 2, 1, 0, 0, True, True)[:128]
+    for b, (idx, views, labels) in zip(range(2), loader):
+        assert torch.equal(idx, expect[b * 64:(b + 1) * 64]) and torch.equal(labels, files.labels[idx])
+        assert len(views) == 2 and all(v.shape == (64, 3, 32, 32) and v.dtype == torch.float32 for v in views)
+    # "eval" on 32-px files: Resize(36) + CenterCrop(32), in file order.
+    ev = data.ViewLoader(files, 50, "eval", 1, 32, "cpu", shuffle=False, drop_last=False, num_workers=0)
+    idx, (v,), _ = next(iter(ev))
+    assert torch.equal(idx, torch.arange(50)) and v.shape == (50, 3, 32, 32)
+    plain = data._normalize(cifar5k_train.images[:50].float() / 255, files.mean, files.std)
+    assert (v - plain).abs().mean() < 0.5  # the same photos, slightly zoomed
+
+
+def test_fashion_mnist_offline(tmp_path):
+    if not data.DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip(f"{data.DEBIAN_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)")
+    train = data.load_split("fashion_mnist", str(tmp_path), "train", 28)
+    val = data.load_split("fashion_mnist", str(tmp_path), "val", 28)
+    assert (tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+    assert train.images.shape == (60000, 1, 28, 28) and val.images.shape == (10000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8 and train.channels == 1 and train.mean == (0.2860,)
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert abs(train.images.float().mean().item() / 255 - 0.2860) < 0.001  # the published mean
+    (v,) = data.augment(train.images[:8], "aug", 1, 28, train.mean, train.std)
+    assert v.shape == (8, 1, 28, 28)
+    (e,) = data.augment(train.images[:8], "eval", 1, 32, train.mean, train.std)  # resized if asked for
+    assert e.shape == (8, 1, 32, 32)
+
+
+def test_helpers_and_view_validation():
+    assert [data.default_img_size(d) for d in data.DATASETS] == [32, 32, 28, 224, 32]
+    assert [data.num_channels(d) for d in data.DATASETS] == [3, 3, 1, 3, 3]
+    with pytest.raises(data.DataError, match="views"):
+        data.ViewLoader(_toy_set(8), 4, "simclr", 2, 8, "cpu")

@@ -1,0 +1,364 @@
+"""Tests of evaluate.py: every metric against a reference implementation, then the script end to end.
+
+    python -m pytest tests/test_evaluate.py -q
+"""
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import data  # noqa: E402
+import evaluate as E  # noqa: E402
+import model  # noqa: E402
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k"
+CPU = common.Proc(0, 1, torch.device("cpu"), torch.float32)
+
+
+# ---- Hungarian, cluster accuracy, NMI, ARI ----
+def brute_force_cost(cost):
+    n, m = cost.shape
+    if n > m:
+        return brute_force_cost(cost.T)
+    return min(sum(cost[i, j] for i, j in enumerate(p)) for p in itertools.permutations(range(m), n))
+
+
+def check_assignment(cost, rows, cols):
+    assert len(rows) == len(cols) == min(cost.shape)
+    assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+    assert list(rows) == sorted(rows)
+
+
+def test_hungarian_equals_brute_force():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 4), (4, 1), (2, 3), (3, 2), (4, 4), (5, 3), (3, 6), (6, 6), (6, 5)]:
+        for integer in (False, True):  # integer costs have ties
+            cost = rng.integers(0, 5, shape) if integer else rng.normal(size=shape)
+            rows, cols = E.hungarian(cost)
+            check_assignment(cost, rows, cols)
+            assert cost[rows, cols].sum() == pytest.approx(brute_force_cost(cost), abs=1e-9), shape
+
+
+def test_hungarian_equals_scipy():
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(1)
+    for shape in [(40, 40), (25, 60), (70, 15), (100, 100)]:
+        for cost in (rng.random(shape), rng.integers(0, 10, shape)):
+            rows, cols = E.hungarian(cost)
+            check_assignment(cost, rows, cols)
+            r, c = scipy_opt.linear_sum_assignment(cost)
+            assert cost[rows, cols].sum() == pytest.approx(cost[r, c].sum(), abs=1e-9)
+
+
+def test_nmi_ari_equal_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(2)
+    cases = [(rng.integers(0, ka, n), rng.integers(0, kb, n)) for n, ka, kb in
+             [(50, 3, 3), (200, 10, 7), (1000, 20, 20), (30, 30, 2), (500, 1, 5)]]
+    y = rng.integers(0, 5, 100)
+    cases += [(y, y), (y, (y + 1) % 5), (np.zeros(10, int), np.zeros(10, int)), (np.arange(10), np.arange(10))]
+    cases += [(y, np.where(rng.random(100) < 0.3, rng.integers(0, 5, 100), y))]  # a noisy copy
+    for a, b in cases:
+        assert E.nmi(a, b) == pytest.approx(metrics.normalized_mutual_info_score(a, b), abs=1e-10)
+        assert E.ari(a, b) == pytest.approx(metrics.adjusted_rand_score(a, b), abs=1e-10)
+    a, b = cases[1]  # torch tensors work too
+    assert E.nmi(torch.tensor(a), torch.tensor(b)) == pytest.approx(metrics.normalized_mutual_info_score(a, b))
+
+
+def test_cluster_acc():
+    y = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(0))
+    relabel = torch.randperm(10, generator=torch.Generator().manual_seed(1)) + 100
+    assert E.cluster_acc(y, relabel[y]) == 1.0
+    assert E.cluster_acc([0, 0, 1, 1], [5, 5, 5, 7]) == 0.75
+    assert E.cluster_acc([0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2]) == pytest.approx(2 / 6)  # 3 clusters, 2 classes
+
+
+def blobs(n_per, k, dim, seed, spread=0.1, noise_seed=None):
+    """k Gaussian blobs (centres fixed by seed, noise by noise_seed) -> (x (k*n_per, dim), y)."""
+    centres = torch.randn(k, dim, generator=torch.Generator().manual_seed(seed)) * 5
+    y = torch.arange(k).repeat_interleave(n_per)
+    g = torch.Generator().manual_seed(seed if noise_seed is None else noise_seed)
+    return centres[y] + spread * torch.randn(len(y), dim, generator=g), y
+
+
+def test_kmeans_recovers_blobs():
+    x, y = blobs(60, 6, 16, seed=0)
+    for seed in range(3):
+        centres, assign = E.kmeans(x, 6, seed=seed)
+        assert E.cluster_acc(y, assign) == 1.0
+        assert torch.equal(E.nearest(x, centres), assign)
+
+
+# ---- k-NN ----
+def knn_loop(train_f, train_y, test_f, k, num_classes, T=0.07):
+    preds = []
+    for q in test_f.tolist():
+        sims = [sum(a * b for a, b in zip(q, t)) for t in train_f.tolist()]
+        top = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * num_classes
+        for i in top:
+            votes[int(train_y[i])] += np.exp(sims[i] / T)
+        preds.append(max(range(num_classes), key=lambda c: (votes[c], -c)))
+    return torch.tensor(preds)
+
+
+def test_knn_equals_loop_and_chunking():
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(150, 8, generator=g), torch.randn(40, 8, generator=g)
+    train_y = torch.randint(0, 5, (150,), generator=g)
+    train_n, test_n = E.standardise(train_f, test_f)
+    assert torch.allclose(train_n.norm(dim=1), torch.ones(150))
+    for k in (1, 5, 20):
+        ref = knn_loop(train_n, train_y, test_n, k, 5)
+        assert torch.equal(E.knn_predict(train_n, train_y, test_n, k, 5, chunk=1000), ref)
+        assert torch.equal(E.knn_predict(train_n, train_y, test_n, k, 5, chunk=7), ref)
+    # a query that is a copy of a training point is classified as that point with k=1
+    assert torch.equal(E.knn_predict(train_n, train_y, train_n[:30], 1, 5), train_y[:30])
+
+
+# ---- linear probe and low-shot ----
+def test_linear_probe_separable():
+    x, y = blobs(100, 4, 16, seed=1, spread=1.0)
+    xv, yv = blobs(50, 4, 16, seed=1, spread=1.0, noise_seed=99)  # same centres, new noise
+    accs = E.linear_probe(x, y, xv, yv, 4, [0.01, 0.1, 1.0], epochs=20, batch_size=64)
+    assert len(accs) == 3 and max(accs) >= 99.0
+    shuffled = E.linear_probe(x, y, xv, yv[torch.randperm(len(yv))], 4, [0.1], epochs=20, batch_size=64)
+    assert shuffled[0] < 60  # it really compares predictions with labels
+
+
+def test_fewshot_splits():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate([20, 7, 13, 30])])[torch.randperm(70, generator=g)]
+    for n in (1, 2, 5):
+        idx = E.fewshot_indices(labels, n, seed=3)
+        assert torch.equal(torch.bincount(labels[idx], minlength=4), torch.full((4,), n))
+        assert torch.equal(idx, E.fewshot_indices(labels, n, seed=3))  # fixed by seed
+        assert len(set(idx.tolist())) == len(idx)
+    assert not torch.equal(E.fewshot_indices(labels, 5, seed=0), E.fewshot_indices(labels, 5, seed=1))
+    frac = E.fewshot_indices(labels, 0.1, seed=0)
+    assert torch.bincount(labels[frac], minlength=4).tolist() == [2, 1, 1, 3]  # round(10%), at least one
+
+
+def test_lowshot_logistic_regression():
+    x, y = blobs(40, 5, 16, seed=2, spread=1.0)
+    xn, = E.standardise(x)
+    i = E.fewshot_indices(y, 2, seed=0)
+    pred = E.logistic_regression(xn[i], y[i], xn, 5, l2=1e-3)
+    assert E.accuracy(pred, y) == 100.0
+    assert E.accuracy(pred, y.flip(0)) < 50
+
+
+# ---- features ----
+def test_extract_features_in_dataset_order():
+    train = data.load_split("synthetic", None, "val", 32)
+    sub = dataclasses_replace(train, 301)
+    fn = lambda x: x.mean(dim=(2, 3))  # (B, C): identifies each image
+    feats, labels = E.extract_features(fn, sub, 32, CPU, batch_size=64)
+    ref = data._normalize(sub.images.float() / 255, sub.mean, sub.std).mean(dim=(2, 3))
+    assert torch.allclose(feats, ref, atol=1e-5) and torch.equal(labels, sub.labels)
+
+
+def dataclasses_replace(imageset, n):
+    import dataclasses
+    return dataclasses.replace(imageset, images=imageset.images[:n], labels=imageset.labels[:n])
+
+
+def test_knn_eval_restores_mode_and_ignores_decoder():
+    cfg = model.model_config("vit_nano", 32, 4, 3)
+    mae = model.init_weights(model.MaskedAutoencoder(**cfg)).train()  # forward() of an MAE is its loss
+    tr = dataclasses_replace(data.load_split("synthetic", None, "train", 32), 400)
+    va = dataclasses_replace(data.load_split("synthetic", None, "val", 32), 200)
+    res = E.knn_eval(mae, tr, va, CPU, pooling="cls", ks=(1, 10), batch_size=128)
+    assert set(res) == {"knn1", "knn10"} and all(0 <= v <= 100 for v in res.values())
+    assert mae.training
+
+
+DDP_SCRIPT = """
+import sys, dataclasses, torch
+sys.path.insert(0, sys.argv[1])
+import common, data, evaluate as E
+import argparse
+args = argparse.Namespace(device="cpu", precision="fp32", compile=0, batch_size=64, seed=0)
+proc = common.setup(args)
+s = data.load_split("synthetic", None, "val", 32)
+s = dataclasses.replace(s, images=s.images[:203], labels=s.labels[:203])  # uneven shards, short last batch
+feats, labels = E.extract_features(lambda x: x.mean(dim=(2, 3)), s, 32, proc, batch_size=64)
+ref = data._normalize(s.images.float() / 255, s.mean, s.std).mean(dim=(2, 3))
+assert torch.allclose(feats, ref, atol=1e-5), "features out of order"
+assert torch.equal(labels, s.labels)
+torch.distributed.destroy_process_group()
+print("ok", proc.rank)
+"""
+
+
+def test_extract_features_two_processes(tmp_path):
+    """Under torchrun (gloo), the gathered features come back in dataset order on every rank."""
+    script = tmp_path / "ddp_extract.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(script), str(ROOT)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and "Address already in use" in r.stderr:
+        pytest.skip("cannot start two gloo processes here (port taken)")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("ok") == 2
+
+
+# ---- end to end ----
+def run_eval(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--device", "cpu", "--num_workers", "0", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def train_encoder_supervised(mae, steps=80):
+    """A few supervised steps (linear head on mean-pooled features): a cheap, reliably 'trained' encoder.
+    (A short MAE run does not beat a random encoder on synthetic k-NN within a test's time budget.)"""
+    torch.manual_seed(0)
+    tr = data.load_split("synthetic", None, "train", 32)
+    head = torch.nn.Linear(mae.cls_token.shape[-1], 10)
+    opt = torch.optim.AdamW([*mae.parameters(), *head.parameters()], lr=3e-3)
+    loader = data.ViewLoader(tr, 64, "eval", 1, 32, "cpu", num_workers=0)
+    for step, (_, (x,), y) in zip(range(steps), loader):
+        loss = F.cross_entropy(head(E.pool(mae.forward_features(x), "mean")), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return mae
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    cfg = model.model_config("vit_nano", 32, 4, 3)
+    mae = model.init_weights(model.MaskedAutoencoder(**cfg))
+    common.save_checkpoint(d / "mae" / "ckpt.pt", stage="mae", config=cfg, model=mae.state_dict(), step=0,
+                           args={"dataset": "synthetic", "data_path": None})
+    head_args = dict(dataset="synthetic", pooling="mean", proj_hidden=64, proj_dim=32, pred_hidden=64, queue_size=256)
+    mc = model.MAECT(cfg, 256, "mean", 64, 32, 64)
+    model.init_weights(mc.head)
+    mc.encoder.load_state_dict(model.encoder_state_dict(mae.state_dict()))
+    common.save_checkpoint(d / "head" / "ckpt.pt", stage="head", config=cfg, model=mc.state_dict(), args=head_args)
+    torch.save({"model": model.encoder_state_dict(mae.state_dict())}, d / "official.pth")
+    trained = train_encoder_supervised(model.init_weights(model.MaskedAutoencoder(**cfg)))
+    common.save_checkpoint(d / "trained" / "ckpt.pt", stage="mae", config=cfg, model=trained.state_dict(),
+                           args={"dataset": "synthetic"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def mae_synthetic(ckpts):
+    """The random stage-1 checkpoint evaluated on synthetic shapes with every metric (reduced settings)."""
+    r = run_eval("--init_from", ckpts / "mae" / "ckpt.pt", "--probe_epochs", 5, "--kmeans_seeds", 2, "--batch_size", 500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = ckpts / "mae" / "eval"
+    return json.loads((out / "results.json").read_text()), out, r.stdout
+
+
+def check_keys(res):
+    for k in E.KEYS:
+        assert k in res and res[k] is not None, k
+        if k != "linear_lr":
+            assert -100 <= res[k] <= 100, (k, res[k])
+    for k in ("dataset", "checkpoint", "stage", "pooling", "features", "feature_dim", "seconds"):
+        assert k in res, k
+
+
+def test_e2e_mae_both_poolings(mae_synthetic):
+    res, out, stdout = mae_synthetic
+    check_keys(res)
+    for p in ("cls", "mean"):
+        check_keys(res[p])
+        assert res[p]["pooling"] == p
+    assert res["pooling"] == model.PRESETS["vit_nano"]["pooling"] == "mean"
+    assert res["knn20"] == res["mean"]["knn20"] and res["stage"] == "mae" and res["feature_dim"] == 64
+    assert res["dataset"] == "synthetic"  # taken from the checkpoint's args
+    assert (out / "knn_grid.png").stat().st_size > 0 and (out / "clusters.png").stat().st_size > 0
+    assert "knn10" in stdout and "mean pooling" in stdout
+
+
+def test_e2e_head_projector(ckpts, tmp_path):
+    r = run_eval("--init_from", ckpts / "head" / "ckpt.pt", "--features", "predictor", "--metrics", "knn,kmeans",
+                 "--kmeans_seeds", 1, "--batch_size", 500, "--out_dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["stage"] == "head" and res["pooling"] == "mean" and res["features"] == "predictor"
+    assert res["feature_dim"] == 32 and "cls" not in res
+    assert res["knn10"] is not None and res["kmeans_acc_best"] is not None and res["linear"] is None
+    assert not (tmp_path / "knn_grid.png").exists()
+
+
+def test_e2e_official(ckpts, tmp_path, mae_synthetic):
+    r = run_eval("--init_from", ckpts / "official.pth", "--dataset", "synthetic", "--metrics", "knn",
+                 "--batch_size", 500, "--out_dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["stage"] == "official" and set(res) >= {"cls", "mean"}
+    # the same encoder weights as the stage-1 checkpoint: the same k-NN numbers
+    assert res["cls"]["knn10"] == pytest.approx(mae_synthetic[0]["cls"]["knn10"])
+
+
+def test_trained_beats_random(ckpts, mae_synthetic, tmp_path):
+    r = run_eval("--init_from", ckpts / "trained" / "ckpt.pt", "--metrics", "knn", "--pooling", "mean",
+                 "--batch_size", 500, "--out_dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained, random = json.loads((tmp_path / "results.json").read_text()), mae_synthetic[0]["mean"]
+    assert trained["knn20"] > random["knn20"] + 5, (trained["knn20"], random["knn20"])
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"shared data not found at {CIFAR}")
+def test_e2e_cifar_imagefolder(ckpts, tmp_path):
+    r = run_eval("--init_from", ckpts / "mae" / "ckpt.pt", "--dataset", "imagefolder", "--data_path", CIFAR,
+                 "--probe_epochs", 5, "--kmeans_seeds", 2, "--batch_size", 500, "--out_dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    check_keys(res)
+    check_keys(res["cls"])
+    assert res["dataset"] == "imagefolder" and (tmp_path / "clusters.png").exists()
+
+
+# ---- bad input ----
+def assert_user_error(r, text):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], r.stderr
+
+
+def test_bad_input(ckpts, tmp_path):
+    mae = ckpts / "mae" / "ckpt.pt"
+    assert_user_error(run_eval("--init_from", tmp_path / "nope.pt"), "not found")
+    assert_user_error(run_eval("--init_from", mae, "--dataset", "imagefolder", "--data_path", tmp_path / "nodata"),
+                      "does not exist")
+    assert_user_error(run_eval("--init_from", mae, "--knn_k", 100000, "--out_dir", tmp_path), "larger than the training set")
+    assert_user_error(run_eval("--init_from", mae, "--features", "projector"), "stage-2/3")
+    assert_user_error(run_eval("--init_from", mae, "--encoder_ema"), "EMA")
+    assert_user_error(run_eval("--init_from", mae, "--dataset", "fashion_mnist"), "does not fit")
+    assert_user_error(run_eval("--init_from", ckpts / "official.pth"), "pass --dataset")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"shared data not found at {CIFAR}")
+def test_bad_input_class_mismatch(ckpts, tmp_path):
+    """A val/ class that train/ lacks: data.py's DataError becomes one error line."""
+    for split, classes in (("train", ["airplane", "cat"]), ("val", ["airplane", "dog"])):
+        for c in classes:
+            os.makedirs(tmp_path / split / c)
+            for f in sorted((CIFAR / split / c).iterdir())[:3]:
+                shutil.copy(f, tmp_path / split / c / f.name)
+    r = run_eval("--init_from", ckpts / "mae" / "ckpt.pt", "--dataset", "imagefolder", "--data_path", tmp_path,
+                 "--out_dir", tmp_path / "eval")
+    assert_user_error(r, "dog")

@@ -1,0 +1,148 @@
+"""End-to-end tests of pretrain_mae.py as a user runs it: checkpoint format, kill-and-resume equals an
+uninterrupted run, the loss falls, bad input fails cleanly, and two processes under torchrun work.
+CPU, vit_nano, a few steps each (about a minute in all)."""
+
+import json
+import math
+import runpy
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_script, run_torchrun
+from model import MaskedAutoencoder, model_config
+
+SMALL = ["--model", "vit_nano", "--device", "cpu"]
+SYNTH = ["--dataset", "synthetic", *SMALL, "--batch_size", "32", "--pictures", "0"]
+
+
+def _ok(r):
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    return r
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)  # the checkpoint holds no pickled objects
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_cifar_run_writes_checkpoint_log_and_pictures(needs_cifar, tmp_path):
+    out = tmp_path / "run"
+    r = _ok(run_script("pretrain_mae.py", "--dataset", "imagefolder", "--data_path", needs_cifar, "--img_size", "32",
+                       *SMALL, "--max_steps", "5", "--batch_size", "64", "--log_every", "5", "--out_dir", out))
+    assert "img/s" in r.stdout
+    ckpt = _load(out / "ckpt.pt")
+    assert ckpt["stage"] == "mae" and ckpt["step"] == 5
+    assert ckpt["config"] == model_config("vit_nano", 32, 4, 3)
+    assert type(ckpt["args"]) is dict and ckpt["args"]["max_steps"] == 5 and ckpt["args"]["dataset"] == "imagefolder"
+    assert all(isinstance(v, (int, float, str, bool, type(None))) for v in ckpt["args"].values())
+    assert {"state", "param_groups"} <= set(ckpt["optimizer"])
+    assert all(int(s["step"]) == 5 for s in ckpt["optimizer"]["state"].values())  # AdamW took exactly 5 steps
+    # the raw module's state dict (no _orig_mod./module. prefixes) that rebuilds from the saved config
+    model = MaskedAutoencoder(**ckpt["config"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    records = _log(out / "log.jsonl")
+    assert records and records[-1]["step"] == 5 and math.isfinite(records[-1]["loss"])
+    assert list(out.glob("recon_*.png"))
+    assert not list(out.glob("*.tmp"))  # the temp file was renamed
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*SYNTH, "--epochs", "2", "--log_every", "1"]  # the schedule spans --epochs: same in every run
+    _ok(run_script("pretrain_mae.py", *common, "--max_steps", "6", "--save_every", "3", "--out_dir", a))
+    _ok(run_script("pretrain_mae.py", *common, "--max_steps", "3", "--out_dir", b))
+    r = _ok(run_script("pretrain_mae.py", *common, "--max_steps", "6", "--resume", "--out_dir", b))
+    assert "resumed" in r.stdout
+    ca, cb = _load(a / "ckpt.pt"), _load(b / "ckpt.pt")
+    assert ca["step"] == cb["step"] == 6
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+    assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
+    # the losses of steps 4-6 are the same too (log lines of the resumed run are appended)
+    la = {r["step"]: r["loss"] for r in _log(a / "log.jsonl")}
+    lb = {r["step"]: r["loss"] for r in _log(b / "log.jsonl")}
+    assert [la[s] for s in (4, 5, 6)] == [lb[s] for s in (4, 5, 6)]
+
+
+@pytest.mark.slow
+def test_loss_falls(tmp_path):
+    out = tmp_path / "run"
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--epochs", "1", "--warmup_epochs", "0.05", "--blr", "1.5e-3",
+                   "--max_steps", "30", "--log_every", "3", "--out_dir", out))
+    losses = [r["loss"] for r in _log(out / "log.jsonl")]
+    assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.8 * first, losses
+
+
+def run_in_process(monkeypatch, capsys, script, *args):
+    """Run a stage script as `python script args` would, but in this process (no 5-second torch import per
+    case): returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    code = 0
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--dataset", "imagefolder", "--data_path", "/nonexistent/folder", "--img_size", "32"], "does not exist"),
+    (["--dataset", "imagenet22k"], "unknown dataset"),
+    (["--dataset", "synthetic", "--model", "vit_gigantic"], "invalid choice"),  # argparse's own error line
+    (["--dataset", "synthetic", "--img_size", "30", "--patch_size", "4"], "not divisible"),
+    (["--dataset", "synthetic", "--resume"], "no checkpoint"),
+], ids=["missing_data_path", "unknown_dataset", "unknown_model", "img_not_divisible", "resume_without_ckpt"])
+def test_bad_input_fails_cleanly(monkeypatch, capsys, tmp_path, args, text):
+    """Exit 2, one error line naming the problem, no traceback, nothing written."""
+    out = tmp_path / "run"
+    model = [] if "--model" in args else ["--model", "vit_nano"]
+    code, _, err = run_in_process(monkeypatch, capsys, "pretrain_mae.py", *args, *model, "--device", "cpu",
+                                  "--max_steps", "2", "--batch_size", "32", "--out_dir", out)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and text in errors[0], err
+    if "--model" not in args:  # our own errors are exactly one line, `error: ...` (argparse adds usage lines)
+        assert lines == errors and errors[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_batch_not_divisible_by_world_size(needs_torchrun, tmp_path):
+    out = tmp_path / "run"
+    r = run_torchrun("pretrain_mae.py", "--dataset", "synthetic", *SMALL, "--batch_size", "33", "--max_steps", "2",
+                     "--out_dir", out, timeout=90)
+    assert r.returncode != 0
+    assert "error: --batch_size 33 is not divisible by the 2 processes" in r.stdout + r.stderr
+    assert not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_two_processes_smoke(needs_torchrun, tmp_path):
+    out = tmp_path / "run"
+    r = run_torchrun("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--log_every", "1", "--out_dir", out, timeout=120)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    ckpt = _load(out / "ckpt.pt")
+    assert ckpt["step"] == 3 and ckpt["stage"] == "mae"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert '"world": 2' in r.stdout
+    assert len(_log(out / "log.jsonl")) == 3  # rank 0 alone writes the log
