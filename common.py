@@ -261,21 +261,25 @@ class Logger:
     """One progress line every `every` steps (step/total, loss, lr, img/s, ETA, memory) on rank 0, and one JSON
     line per log/eval in OUT_DIR/log.jsonl. Call `step()` each step; values are only `.item()`-ed at log time."""
 
-    def __init__(self, proc, out_dir, total_steps, start_step, images_per_step, every):
+    def __init__(self, proc, out_dir, total_steps, start_step, images_per_step, every, last_step=None):
         self.proc, self.total, self.every, self.ips = proc, total_steps, every, images_per_step
+        self.last = last_step or total_steps  # a --max_steps run logs its final step too
         self.path = os.path.join(out_dir, "log.jsonl")
         self.t0, self.s0 = time.time(), start_step
 
+    def due(self, step):
+        return step % self.every == 0 or step == self.last
+
     def __call__(self, step, **scalars):
         """Log after finishing `step` (1-based count of steps done) if it is due."""
-        if not (step % self.every == 0 or step == self.total):
+        if not self.due(step):
             return
         vals = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scalars.items()}
         if self.proc.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - self.t0
         rate = (step - self.s0) * self.ips / max(dt, 1e-9)
-        eta = (self.total - step) * self.ips / max(rate, 1e-9)
+        eta = (self.last - step) * self.ips / max(rate, 1e-9)
         mem = torch.cuda.max_memory_allocated() / 2**30 if self.proc.device.type == "cuda" else 0.0
         body = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
         self.proc.print(f"step {step}/{self.total} {body} | {rate:,.0f} img/s | ETA {eta / 60:.1f} min | mem {mem:.1f} GiB")

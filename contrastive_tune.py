@@ -135,8 +135,8 @@ def main():
     # ---- loop ----
     if proc.main:
         os.makedirs(args.out_dir, exist_ok=True)
-    log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size, args.log_every)
     last_step = min(total_steps, args.max_steps or total_steps)
+    log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size, args.log_every, last_step)
     save_every = args.save_every or steps_per_epoch
     gather = lambda x: common.gather(x, grad=True)
     frozen = [enc.patch_embed, *enc.blocks[:args.frozen_blocks]]
@@ -162,7 +162,7 @@ def main():
                 common.ema_update(encoder_ema, raw.encoder, args.encoder_ema)
             raw.queue.enqueue(common.gather(z0), common.gather(idx))  # target embeddings of view 0, all ranks
             step += 1
-            if step % args.log_every == 0 or step == last_step:
+            if log.due(step):
                 log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(raw, slots, labels, train_labels),
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:

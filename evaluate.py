@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
 import common
 import data
@@ -387,6 +386,7 @@ def load_images(imageset, indices, img_size):
 
 
 def save_pictures(trn, ytr, van, yva, assign, train, val, args, n=8):
+    from torchvision.utils import save_image  # here: importing torchvision costs a second at start-up
     g = torch.Generator().manual_seed(args.seed)
     queries = torch.randperm(len(yva), generator=g)[:n].to(van.device)
     nbrs = (van[queries] @ trn.T).topk(10, dim=1).indices  # (n, 10)
@@ -494,8 +494,8 @@ def main():
 
     # ---- output ----
     meta = dict(dataset=args.dataset, checkpoint=os.path.abspath(args.init_from), stage=stage, features=args.features,
-                feature_dim=dim, encoder_ema=args.encoder_ema)
-    results = {**per_pool[headline], **meta, "pooling": headline, "seconds": round(time.time() - t0, 1)}
+                feature_dim=dim, encoder_ema=args.encoder_ema, seconds=round(time.time() - t0, 1))
+    results = {**per_pool[headline], **meta, "pooling": headline}
     if len(poolings) > 1:
         results.update({p: {**per_pool[p], **meta, "pooling": p} for p in poolings})
     if proc.main:

@@ -316,11 +316,11 @@ class NNQueue(nn.Module):
     def enqueue(self, z, idx):
         """Write (n, d) normalised embeddings (already gathered over ranks) at the pointer, FIFO. The queue
         size is a multiple of n (checked at start-up), so a batch never wraps around mid-write."""
-        n = z.shape[0]
-        ptr = int(self.ptr)
-        self.embeddings[ptr:ptr + n] = z.to(self.embeddings.dtype)
-        self.indices[ptr:ptr + n] = idx
-        self.ptr.fill_((ptr + n) % self.embeddings.shape[0])
+        n, size = z.shape[0], self.embeddings.shape[0]
+        slots = (self.ptr + torch.arange(n, device=z.device)) % size  # on the device: no host sync per step
+        self.embeddings.index_copy_(0, slots, z.to(self.embeddings.dtype))
+        self.indices.index_copy_(0, slots, idx)
+        self.ptr.add_(n).remainder_(size)
 
 
 def nnclr_loss(nn_a, pred_b, temperature, rank=0):

@@ -1,5 +1,6 @@
 """Shared test helpers: the repo on sys.path, the shared test data, and running a stage script as a user would."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,17 +13,23 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 
+def _env(env):
+    # One intra-op thread, as torchrun gives each worker: a nano ViT gains nothing from more, and on a busy
+    # 2-core machine two spinning OpenMP threads per process make a step ~10x slower.
+    return {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
+
+
 def run_script(*args, timeout=120, env=None):
     """Run `python <args>` in the repo root (args[0] is the script); returns the CompletedProcess."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=_env(env))
 
 
 def run_torchrun(*args, nproc=2, timeout=120, env=None):
     """`torchrun --standalone --nproc_per_node=N <args>` in the repo root, with this interpreter's torchrun."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=_env(env))
 
 
 @pytest.fixture

@@ -25,6 +25,18 @@ import model  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k"
 CPU = common.Proc(0, 1, torch.device("cpu"), torch.float32)
+# One thread per subprocess: on a small shared CPU box, OpenMP threads spin-waiting for a busy core made these
+# runs 5x slower (measured); no test number depends on it.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The same in this process (restored afterwards for other test files)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- Hungarian, cluster accuracy, NMI, ARI ----
@@ -211,7 +223,7 @@ def test_extract_features_two_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(script), str(ROOT)], capture_output=True, text=True, timeout=120)
+                        str(script), str(ROOT)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     if r.returncode != 0 and "Address already in use" in r.stderr:
         pytest.skip("cannot start two gloo processes here (port taken)")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -219,32 +231,45 @@ def test_extract_features_two_processes(tmp_path):
 
 
 # ---- end to end ----
-def run_eval(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--device", "cpu", "--num_workers", "0", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+# Synthetic runs use smaller generated sets (1000 train / 300 val instead of 5000 / 1000) so the file stays
+# fast: the same `python evaluate.py ...` command, started through a two-line wrapper that shrinks them first.
+SMALL_SYNTHETIC = ("import runpy, sys, data; data.SYNTHETIC_SIZES.update(train=1000, val=300); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def train_encoder_supervised(mae, steps=80):
-    """A few supervised steps (linear head on mean-pooled features): a cheap, reliably 'trained' encoder.
-    (A short MAE run does not beat a random encoder on synthetic k-NN within a test's time budget.)"""
+def run_eval(*args, small=True):
+    cmd = [sys.executable, *(["-c", SMALL_SYNTHETIC] if small else []), str(ROOT / "evaluate.py"),
+           "--device", "cpu", "--num_workers", "0", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD)
+
+
+def train_encoder_supervised(mae, epochs=2):
+    """Two epochs of supervised training (a linear head on mean-pooled features, patch 8: 16 tokens, so about
+    4 s): a cheap and reliably 'trained' encoder, synthetic k-NN ~55-65% vs ~15-20% for random inits (3 seeds
+    each, measured). A short MAE run does not do: after 200 steps (patch 4) its synthetic k-NN was still below a
+    random encoder's (13% vs 18%), and a longer one does not fit this file's time budget."""
     torch.manual_seed(0)
     tr = data.load_split("synthetic", None, "train", 32)
     head = torch.nn.Linear(mae.cls_token.shape[-1], 10)
     opt = torch.optim.AdamW([*mae.parameters(), *head.parameters()], lr=3e-3)
     loader = data.ViewLoader(tr, 64, "eval", 1, 32, "cpu", num_workers=0)
-    for step, (_, (x,), y) in zip(range(steps), loader):
-        loss = F.cross_entropy(head(E.pool(mae.forward_features(x), "mean")), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for _, (x,), y in loader:
+            loss = F.cross_entropy(head(E.pool(mae.forward_features(x), "mean")), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return mae
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
+    """Checkpoints in the project's formats, built from model objects: stage-1 MAE (random), stage-2 head with
+    small dims, an official-format encoder file (same weights as the MAE), and a 'trained' stage-1 file."""
     d = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
-    cfg = model.model_config("vit_nano", 32, 4, 3)
+    cfg = model.model_config("vit_nano", 32, 8, 3)  # patch 8: 16 tokens, fast on a CPU
     mae = model.init_weights(model.MaskedAutoencoder(**cfg))
     common.save_checkpoint(d / "mae" / "ckpt.pt", stage="mae", config=cfg, model=mae.state_dict(), step=0,
                            args={"dataset": "synthetic", "data_path": None})
@@ -291,7 +316,7 @@ def test_e2e_mae_both_poolings(mae_synthetic):
     assert "knn10" in stdout and "mean pooling" in stdout
 
 
-def test_e2e_head_projector(ckpts, tmp_path):
+def test_e2e_head_predictor(ckpts, tmp_path):
     r = run_eval("--init_from", ckpts / "head" / "ckpt.pt", "--features", "predictor", "--metrics", "knn,kmeans",
                  "--kmeans_seeds", 1, "--batch_size", 500, "--out_dir", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -317,13 +342,13 @@ def test_trained_beats_random(ckpts, mae_synthetic, tmp_path):
                  "--batch_size", 500, "--out_dir", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     trained, random = json.loads((tmp_path / "results.json").read_text()), mae_synthetic[0]["mean"]
-    assert trained["knn20"] > random["knn20"] + 5, (trained["knn20"], random["knn20"])
+    assert trained["knn20"] > random["knn20"] + 20, (trained["knn20"], random["knn20"])
 
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason=f"shared data not found at {CIFAR}")
 def test_e2e_cifar_imagefolder(ckpts, tmp_path):
     r = run_eval("--init_from", ckpts / "mae" / "ckpt.pt", "--dataset", "imagefolder", "--data_path", CIFAR,
-                 "--probe_epochs", 5, "--kmeans_seeds", 2, "--batch_size", 500, "--out_dir", tmp_path)
+                 "--probe_epochs", 5, "--kmeans_seeds", 2, "--batch_size", 500, "--out_dir", tmp_path, small=False)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     check_keys(res)
@@ -338,27 +363,36 @@ def assert_user_error(r, text):
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], r.stderr
 
 
-def test_bad_input(ckpts, tmp_path):
+def test_bad_input_exit_code(ckpts, tmp_path):
+    """The script's contract: one `error:` line on stderr, exit code 2, nothing written."""
     mae = ckpts / "mae" / "ckpt.pt"
-    assert_user_error(run_eval("--init_from", tmp_path / "nope.pt"), "not found")
-    assert_user_error(run_eval("--init_from", mae, "--dataset", "imagefolder", "--data_path", tmp_path / "nodata"),
-                      "does not exist")
+    assert_user_error(run_eval("--init_from", tmp_path / "nope.pt", small=False), "not found")
+    assert_user_error(run_eval("--init_from", mae, "--dataset", "imagefolder", "--data_path", tmp_path / "nodata",
+                               "--out_dir", tmp_path, small=False), "does not exist")
     assert_user_error(run_eval("--init_from", mae, "--knn_k", 100000, "--out_dir", tmp_path), "larger than the training set")
-    assert_user_error(run_eval("--init_from", mae, "--features", "projector"), "stage-2/3")
-    assert_user_error(run_eval("--init_from", mae, "--encoder_ema"), "EMA")
-    assert_user_error(run_eval("--init_from", mae, "--dataset", "fashion_mnist"), "does not fit")
-    assert_user_error(run_eval("--init_from", ckpts / "official.pth"), "pass --dataset")
-    assert not any(tmp_path.iterdir())  # nothing written
+    assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"shared data not found at {CIFAR}")
-def test_bad_input_class_mismatch(ckpts, tmp_path):
-    """A val/ class that train/ lacks: data.py's DataError becomes one error line."""
-    for split, classes in (("train", ["airplane", "cat"]), ("val", ["airplane", "dog"])):
-        for c in classes:
-            os.makedirs(tmp_path / split / c)
-            for f in sorted((CIFAR / split / c).iterdir())[:3]:
-                shutil.copy(f, tmp_path / split / c / f.name)
-    r = run_eval("--init_from", ckpts / "mae" / "ckpt.pt", "--dataset", "imagefolder", "--data_path", tmp_path,
-                 "--out_dir", tmp_path / "eval")
-    assert_user_error(r, "dog")
+def test_bad_input_messages(ckpts, tmp_path, monkeypatch):
+    """The other refusals, in-process (the same main(); main_guard turns these into the line above)."""
+    mae, official = ckpts / "mae" / "ckpt.pt", ckpts / "official.pth"
+    cases = [([mae, "--features", "projector"], "stage-2/3"), ([mae, "--encoder_ema"], "EMA"),
+             ([mae, "--dataset", "fashion_mnist"], "does not fit"), ([mae, "--img_size", 64], "does not fit"),
+             ([official], "pass --dataset"), ([mae, "--metrics", "knn,cluster"], "unknown --metrics")]
+    for extra, text in cases:
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", "--out_dir", str(tmp_path),
+                                          "--init_from", *map(str, extra)])
+        with pytest.raises(common.UserError, match=text):
+            E.main()
+    if CIFAR.is_dir():  # a val/ class that train/ lacks: data.py refuses it
+        for split, classes in (("train", ["airplane", "cat"]), ("val", ["airplane", "dog"])):
+            for c in classes:
+                os.makedirs(tmp_path / "data" / split / c)
+                for f in sorted((CIFAR / split / c).iterdir())[:3]:
+                    shutil.copy(f, tmp_path / "data" / split / c / f.name)
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", "--out_dir", str(tmp_path / "eval"),
+                                          "--init_from", str(mae), "--dataset", "imagefolder",
+                                          "--data_path", str(tmp_path / "data")])
+        with pytest.raises(data.DataError, match="dog"):
+            E.main()
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "results.json").exists()

@@ -146,3 +146,12 @@ def test_ddp_two_processes_smoke(needs_torchrun, tmp_path):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert '"world": 2' in r.stdout
     assert len(_log(out / "log.jsonl")) == 3  # rank 0 alone writes the log
+
+
+def test_short_run_logs_its_last_step(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = run_in_process(monkeypatch, capsys, "pretrain_mae.py", *SYNTH, "--max_steps", "2",
+                                       "--log_every", "20", "--out_dir", out)
+    assert code == 0 and (out / "ckpt.pt").exists(), err
+    assert "img/s" in stdout
+    assert _log(out / "log.jsonl")[-1]["step"] == 2

@@ -1,0 +1,283 @@
+"""Benchmark: training-step throughput of each stage, feature extraction, and the real data path.
+
+Times each stage's step (MAE, head init, contrastive tuning) and evaluate.py's feature extraction on synthetic
+input, after warm-up and compilation, as the median over several timed runs (CUDA events on GPU). Prints img/s,
+step ms, MFU (FLOPs counted with torch.utils.flop_counter against a matmul rate measured in the same run) and
+peak memory. `--end_to_end` adds the real path (in-memory dataset + batched augmentation + step) on a dataset.
+`--baseline` adds an MAE built from timm's Block, trained as facebookresearch/mae ships it (fp16 autocast with
+a GradScaler, unfused AdamW, eager, loss.item() and a synchronize every step) and the same model in bf16
+compiled, so the ratio to the official recipe is measured on the same card in the same run.
+
+    python bench.py                      # CPU, CI-sized: vit_nano at 32 px
+    python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 --baseline
+    python bench.py --device cuda --model vit_tiny --batch_size 1024 --end_to_end cifar10 --data_path data/
+
+Numbers measured so far are in BENCHMARKS.md.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import data
+from model import MAECT, MaskedAutoencoder, init_weights, model_config
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", default="vit_nano", help="size preset (model.PRESETS)")
+p.add_argument("--img_size", type=int, default=32, help="input side in pixels")
+p.add_argument("--patch_size", type=int, default=4, help="patch side")
+p.add_argument("--batch_size", type=int, default=64, help="images per step")
+p.add_argument("--stages", default="mae,head,ct,features", help="comma list of mae, head, ct, features")
+p.add_argument("--steps", type=int, default=10, help="steps per timed run")
+p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
+p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+p.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default: on for CUDA)")
+p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length for the head/ct stages")
+p.add_argument("--baseline", action="store_true", help="also time an MAE from timm blocks with the official recipe (needs timm)")
+p.add_argument("--end_to_end", default=None, help="dataset for an end-to-end MAE run through data.ViewLoader (e.g. synthetic)")
+p.add_argument("--data_path", default=None, help="dataset root for --end_to_end")
+p.add_argument("--json", default=None, help="also write the rows to this file")
+p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+args = p.parse_args()
+args.seed = 0
+proc = common.setup(args)  # sets compile/precision defaults from the device
+dev, cuda = proc.device, proc.device.type == "cuda"
+cfg = model_config(args.model, args.img_size, args.patch_size, 3)
+B = args.batch_size
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def peak_rate():
+    """Measured matmul rate (FLOP/s) of this device in the autocast dtype: the MFU denominator."""
+    n = 8192 if cuda else 1024
+    dt = proc.dtype if cuda else torch.float32
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    for _ in range(3):
+        a @ b
+    sync()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        sync()
+        times.append((time.perf_counter() - t) / 10)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def time_step(step_fn):
+    """Median seconds per step over args.runs runs of args.steps steps, after args.warmup steps."""
+    for _ in range(args.warmup):
+        step_fn()
+    sync()
+    times = []
+    for _ in range(args.runs):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.steps):
+                step_fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000 / args.steps)
+        else:
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step_fn()
+            times.append((time.perf_counter() - t) / args.steps)
+    return statistics.median(times)
+
+
+def count_flops(step_fn):
+    with FlopCounterMode(display=False) as fc:
+        step_fn()
+    return fc.get_total_flops()
+
+
+def images():
+    return torch.randn(B, 3, args.img_size, args.img_size, device=dev)
+
+
+# ---------------------------------------------------------------- the steps, as the stage scripts take them
+def mae_step(model, opt, autocast, scaler=None, official_sync=False):
+    x = images()
+
+    def step():
+        with autocast():
+            loss, _, _ = model(x, mask_ratio=0.75)
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:  # the official recipe: fp16 with loss scaling
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if official_sync:  # the official loop reads the loss and synchronises every step
+            loss.item()
+            torch.cuda.synchronize() if cuda else None
+    return step
+
+
+def build_mae(blocks_from_timm=False):
+    model = MaskedAutoencoder(**cfg)
+    if blocks_from_timm:  # the official models_mae.py builds its blocks from timm
+        from functools import partial
+        from timm.models.vision_transformer import Block
+        ln = partial(torch.nn.LayerNorm, eps=1e-6)
+        model.blocks = torch.nn.ModuleList(Block(cfg["embed_dim"], cfg["num_heads"], 4.0, qkv_bias=True, norm_layer=ln)
+                                           for _ in range(cfg["depth"]))
+        model.decoder_blocks = torch.nn.ModuleList(Block(cfg["decoder_embed_dim"], cfg["decoder_num_heads"], 4.0,
+                                                         qkv_bias=True, norm_layer=ln) for _ in range(cfg["decoder_depth"]))
+    return init_weights(model).to(dev)
+
+
+def nnclr_step(stage):
+    """One step of init_head.py (stage 'head': whole encoder frozen) or contrastive_tune.py ('ct')."""
+    model = MAECT(cfg, args.queue_size, cfg["pooling"], target=stage == "ct")
+    init_weights(model)
+    depth = cfg["depth"]
+    frozen = depth if stage == "head" else depth // 2
+    enc = model.encoder
+    for m in [enc.patch_embed, *enc.blocks[:frozen]]:
+        m.requires_grad_(False)
+    enc.cls_token.requires_grad_(False)
+    model.to(dev).train()
+    if stage == "ct":
+        from contrastive_tune import param_groups
+        ns = argparse.Namespace(frozen_blocks=frozen, layer_decay=0.65, weight_decay=0.05, head_weight_decay=1e-5,
+                                head_blr=1e-4, blr=1e-4)
+        groups = param_groups(model, ns)
+    else:
+        groups = common.decay_groups(model.head.named_parameters(), 1e-5)
+    opt = common.adamw(groups, (0.9, 0.999), dev)
+    common.set_lr(opt, 1e-4)
+    if args.compile:
+        model.encoder.compile()
+        model.head.compile()
+    v0, v1, idx = images(), images(), torch.arange(B, device=dev)
+
+    def step():
+        with proc.autocast():
+            loss, z0, _ = model([v0, v1], idx, 0.15, 1 if stage == "head" else 20, frozen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if stage == "ct":
+            common.ema_update(model.target_projector, model.head.projector, 0.99)
+        model.queue.enqueue(z0, idx)
+    return step
+
+
+def features_step():
+    enc = MaskedAutoencoder(**cfg).to(dev).eval()
+    fwd = torch.compile(enc.forward_features) if args.compile else enc.forward_features
+    x = images()
+
+    @torch.no_grad()
+    def step():
+        with proc.autocast():
+            fwd(x)
+    return step
+
+
+def e2e_step():
+    """MAE steps fed by the real data path: in-memory dataset on the device, batched crop+flip, then the step."""
+    train = data.load_split(args.end_to_end, args.data_path, "train", args.img_size, None, 0)
+    cfg_e = model_config(args.model, args.img_size, args.patch_size, train.channels)
+    model = init_weights(MaskedAutoencoder(**cfg_e)).to(dev)
+    opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), (0.9, 0.95), dev)
+    fwd = torch.compile(model) if args.compile else model
+    loader = data.ViewLoader(train, B, "mae", 1, args.img_size, dev, num_workers=8)
+    state = dict(it=iter(loader), epoch=0)
+
+    def step():
+        try:
+            _, views, _ = next(state["it"])
+        except StopIteration:
+            state["epoch"] += 1
+            loader.set_epoch(state["epoch"])
+            state["it"] = iter(loader)
+            _, views, _ = next(state["it"])
+        with proc.autocast():
+            loss, _, _ = fwd(views[0], mask_ratio=0.75)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+# ---------------------------------------------------------------- run
+rows = []
+rate = peak_rate()
+proc.print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
+           f"measured matmul {rate / 1e12:.1f} TFLOP/s ({'bf16' if cuda and proc.dtype == torch.bfloat16 else 'fp32'})")
+
+
+def bench(name, make, flops_make=None):
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        step = make()
+        sec = time_step(step)
+        flops = count_flops((flops_make or make)()) if flops_make is not False else None
+    except Exception as e:  # one broken variant should not hide the others' numbers
+        proc.print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return
+    row = dict(name=name, model=args.model, img=args.img_size, batch=B, img_s=round(B / sec, 1), step_ms=round(sec * 1e3, 2),
+               mfu=round(flops / sec / rate, 3) if flops else None,
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+    rows.append(row)
+    proc.print(json.dumps(row))
+
+
+def eager_mae():  # flop counting needs an uncompiled copy of the same step
+    model = build_mae()
+    return mae_step(model, common.adamw(common.decay_groups(model.named_parameters(), 0.05), (0.9, 0.95), dev), proc.autocast)
+
+
+stages = args.stages.split(",")
+if "mae" in stages:
+    def ours():
+        model = build_mae()
+        opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), (0.9, 0.95), dev)
+        return mae_step(torch.compile(model) if args.compile else model, opt, proc.autocast)
+    bench("mae (ours)", ours, eager_mae)
+if "head" in stages:
+    bench("head init (ours)", lambda: nnclr_step("head"), False)
+if "ct" in stages:
+    bench("contrastive tuning (ours)", lambda: nnclr_step("ct"), False)
+if "features" in stages:
+    bench("feature extraction (ours)", features_step, False)
+if args.baseline:
+    def official(compiled):
+        model = build_mae(blocks_from_timm=True)
+        opt = torch.optim.AdamW(common.decay_groups(model.named_parameters(), 0.05), lr=1e-4, betas=(0.9, 0.95))
+        if compiled:  # the same code with bf16 autocast and torch.compile
+            return mae_step(torch.compile(model), opt, proc.autocast)
+        fp16 = lambda: torch.autocast(dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
+        return mae_step(model, opt, fp16, torch.amp.GradScaler(dev.type, enabled=cuda), official_sync=True)
+    bench("mae, official recipe (timm blocks, fp16, eager)", lambda: official(False), eager_mae)
+    if args.compile:
+        bench("mae, official code bf16 + compile", lambda: official(True), eager_mae)
+if args.end_to_end:
+    bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step)", e2e_step, False)
+
+proc.print(f"\n| stage | model | img | batch | img/s | step ms | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|")
+for r in rows:
+    proc.print(f"| {r['name']} | {r['model']} | {r['img']} | {r['batch']} | {r['img_s']:,.0f} | {r['step_ms']} | "
+               f"{r['mfu'] if r['mfu'] is not None else '-'} | {r['peak_gib'] if r['peak_gib'] is not None else '-'} |")
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                       matmul_tflops=rate / 1e12, rows=rows), f, indent=1)

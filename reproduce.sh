@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# MAE-CT end to end: stage 1 (MAE) -> evaluate -> stage 2 (NNCLR head) -> stage 3 (contrastive tuning) -> evaluate,
+# then MAE vs MAE-CT side by side (also written to RUN/table.md).
+#
+#   bash reproduce.sh smoke                       # generated shapes, vit_nano, CPU: the whole chain in minutes
+#   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset
+#   bash reproduce.sh fashion_mnist                # ViT-T/4 on 28 px, one GPU
+#   bash reproduce.sh cifar10 --data_path data/    # ViT-T/4 on 32 px; cifar100 likewise
+#   bash reproduce.sh imagenet100 --data_path /data/imagenet100   # ViT-B/16, 224 px, all visible GPUs
+#
+# Extra flags go to every stage (e.g. --device cpu, --data_path). Environment: SEED (default 0), RUN (run
+# folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3), STEPS (cap every stage at this many
+# steps, for tests), EVAL (extra flags for evaluate.py). All visible GPUs are used through torchrun.
+# A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")"
+name=${1:?usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100 [flags]}
+shift
+SEED=${SEED:-0}
+
+# Recipes. Stage 1 follows MAE (blr 1.5e-4, mask 0.75); stages 2/3 the paper (blr 1e-4, 20% warm-up, top-k 20,
+# temperature 0.15 for B and smaller). Small-image choices (ours): patch 4, ViT-T, a queue of about a third of
+# the training set (a queue larger than the data holds stale copies of every image), 20% warm-up everywhere
+# the run is short.
+case $name in
+  smoke)         data="--dataset synthetic"; model=vit_nano; e=(30 10 10); bs=(256 256 256)
+                 head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; extra_ct="--topk 5" ;;
+  cifar10_5k)    data="--dataset imagefolder --data_path ../shared/data/cifar10-5k --img_size 32"; model=vit_nano
+                 e=(100 20 20); bs=(256 256 256); head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 1024"; extra_ct="--topk 5" ;;
+  fashion_mnist) data="--dataset fashion_mnist"; model=vit_tiny; e=(100 20 20); bs=(512 512 512)
+                 head="--queue_size 16384"; extra_ct="--topk 20" ;;
+  cifar10|cifar100) data="--dataset $name"; model=vit_tiny; e=(800 20 20); bs=(1024 1024 1024)
+                 head="--queue_size 16384"; extra_ct="--topk 20" ;;
+  imagenet100)   data="--dataset imagefolder --img_size 224"; model=vit_base; e=(800 20 20); bs=(1024 1024 1024)
+                 head="--queue_size 65536"; extra_ct="--topk 20"; mae_extra="--patch_size 16" ;;
+  *) echo "error: unknown recipe '$name' (smoke, cifar10_5k, fashion_mnist, cifar10, cifar100, imagenet100)" >&2; exit 2 ;;
+esac
+E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}
+RUN=${RUN:-runs/${name}_s${SEED}}
+cap=${STEPS:+--max_steps $STEPS}
+ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$ngpu" -gt 1 ]; then launch=(torchrun --nproc_per_node="$ngpu"); else launch=(python); fi
+mkdir -p "$RUN"
+
+stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume when a checkpoint is there
+  local dir=$RUN/$1 script=$2; shift 2
+  if [ -f "$dir/DONE" ]; then echo "== $dir: done already, skipped"; return; fi
+  local resume=""; [ -f "$dir/ckpt.pt" ] && resume="--resume"
+  echo "== $script -> $dir"
+  local t0=$SECONDS
+  "${launch[@]}" "$script" $data --seed "$SEED" --out_dir "$dir" $resume "$@"
+  echo $((SECONDS - t0)) > "$dir/DONE"
+}
+evaluate() {  # evaluate NAME CHECKPOINT
+  local dir=$RUN/$1
+  if [ -f "$dir/results.json" ]; then echo "== $dir: evaluated already, skipped"; return; fi
+  echo "== evaluate.py $2 -> $dir"
+  "${launch[@]}" evaluate.py --init_from "$2" $data --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
+}
+pass=("$@")
+
+stage mae pretrain_mae.py --model $model ${mae_extra:-} --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
+evaluate eval_mae "$RUN/mae/ckpt.pt"
+stage head init_head.py --init_from "$RUN/mae/ckpt.pt" $head --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
+stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
+evaluate eval_ct "$RUN/ct/ckpt.pt"
+
+python - "$RUN" <<'EOF'
+import json, sys
+run = sys.argv[1]
+mae, ct = (json.load(open(f"{run}/{d}/results.json")) for d in ("eval_mae", "eval_ct"))
+keys = [("knn10", "k-NN@10"), ("knn20", "k-NN@20"), ("linear", "linear"), ("kmeans_acc_mean", "k-means ACC"),
+        ("nmi", "NMI"), ("ari", "ARI")]
+fmt = lambda v: "-" if v is None else f"{v:.1f}"
+secs = {s: open(f"{run}/{s}/DONE").read().strip() for s in ("mae", "head", "ct")}
+lines = [f"{run}: pooling {mae.get('pooling')} (MAE) / {ct.get('pooling')} (MAE-CT); stage seconds " +
+         ", ".join(f"{k} {v}" for k, v in secs.items()), "",
+         "| | " + " | ".join(n for _, n in keys) + " |", "|---" * (len(keys) + 1) + "|",
+         "| MAE | " + " | ".join(fmt(mae.get(k)) for k, _ in keys) + " |",
+         "| MAE-CT | " + " | ".join(fmt(ct.get(k)) for k, _ in keys) + " |"]
+open(f"{run}/table.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
