@@ -16,8 +16,8 @@ mkdir -p .devdata/fm/FashionMNIST/raw
 for f in .devdata/fmgz/*.gz; do gunzip -c "$f" > ".devdata/fm/FashionMNIST/raw/$(basename "$f" .gz)"; done
 
 # 1. MAE ViT-B/16, 224 px, batch 256: ours vs the official recipe (fp16 eager) and the official model compiled
-timeout "${T1:-200}" python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 \
-    --stages mae,ct --baseline --queue_size 65536 --steps 10 --runs 3 --json "$OUT/bench_vitb.json" 2>&1 | tee "$OUT/bench_vitb.log"
+timeout "${T1:-160}" python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 \
+    --stages mae --baseline --queue_size 65536 --steps 10 --runs 3 --json "$OUT/bench_vitb.json" 2>&1 | tee "$OUT/bench_vitb.log"
 
 # 2. ViT-T/4 on 32 px, batch 1024: every stage, and the real path (in-memory data + GPU augmentation + step)
 timeout "${T2:-120}" python bench.py --device cuda --model vit_tiny --batch_size 1024 --stages mae,head,ct,features \
@@ -26,7 +26,7 @@ timeout "${T2:-120}" python bench.py --device cuda --model vit_tiny --batch_size
 
 # 3. Fashion-MNIST, the whole chain (shortened recipe: see E1/E2/E3)
 rm -rf runs/fm_gpu
-timeout "${T3:-270}" env RUN=runs/fm_gpu E1="${E1:-50}" E2="${E2:-10}" E3="${E3:-15}" \
+timeout "${T3:-280}" env RUN=runs/fm_gpu E1="${E1:-50}" E2="${E2:-10}" E3="${E3:-15}" \
     EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
     bash reproduce.sh fashion_mnist --data_path .devdata/fm 2>&1 | tee "$OUT/fm.log"
 tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
