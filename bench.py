@@ -41,6 +41,7 @@ p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length
 p.add_argument("--baseline", action="store_true", help="also time an MAE from timm blocks with the official recipe (needs timm)")
 p.add_argument("--end_to_end", default=None, help="dataset for an end-to-end MAE run through data.ViewLoader (e.g. synthetic)")
 p.add_argument("--data_path", default=None, help="dataset root for --end_to_end")
+p.add_argument("--profile", action="store_true", help="print the top operators (torch.profiler) of the first variant's step")
 p.add_argument("--json", default=None, help="also write the rows to this file")
 p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
 args = p.parse_args()
@@ -97,6 +98,18 @@ def time_step(step_fn):
     return statistics.median(times)
 
 
+def profile(step_fn):
+    """Where a step's time goes: operators by device time (and host time, which shows launch overhead)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with prof(activities=acts) as pr:
+        for _ in range(5):
+            step_fn()
+        sync()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    proc.print(pr.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
 def count_flops(step_fn):
     with FlopCounterMode(display=False) as fc:
         step_fn()
@@ -147,10 +160,7 @@ def nnclr_step(stage):
     init_weights(model)
     depth = cfg["depth"]
     frozen = depth if stage == "head" else depth // 2
-    enc = model.encoder
-    for m in [enc.patch_embed, *enc.blocks[:frozen]]:
-        m.requires_grad_(False)
-    enc.cls_token.requires_grad_(False)
+    model.encoder.freeze(frozen)
     model.to(dev).train()
     if stage == "ct":
         from contrastive_tune import param_groups
@@ -168,7 +178,7 @@ def nnclr_step(stage):
 
     def step():
         with proc.autocast():
-            loss, z0, _ = model([v0, v1], idx, 0.15, 1 if stage == "head" else 20, frozen)
+            loss, z0, _ = model([v0, v1], idx, 0.15, 1 if stage == "head" else 20)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -230,6 +240,8 @@ def bench(name, make, flops_make=None):
     try:
         step = make()
         sec = time_step(step)
+        if args.profile and not rows:
+            profile(step)
         flops = count_flops((flops_make or make)()) if flops_make is not False else None
     except Exception as e:  # one broken variant should not hide the others' numbers
         proc.print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -104,10 +104,7 @@ def main():
     for k in [k for k in sd if k.startswith("head.projector.")]:
         sd["target_projector." + k[len("head.projector."):]] = sd[k]
     common.load_strict(model, sd, args.init_from)
-    enc = model.encoder
-    for m in [enc.patch_embed, *enc.blocks[:args.frozen_blocks]]:
-        m.requires_grad_(False)
-    enc.cls_token.requires_grad_(False)
+    enc = model.encoder.freeze(args.frozen_blocks)  # patch embedding, CLS token, lower blocks
     model.to(proc.device)
     encoder_ema = copy.deepcopy(enc).requires_grad_(False) if args.encoder_ema > 0 else None
 
@@ -153,7 +150,7 @@ def main():
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
             with proc.autocast():
-                loss, z0, slots = model([v0, v1], idx, args.temperature, args.topk, args.frozen_blocks, gather, proc.rank)
+                loss, z0, slots = model([v0, v1], idx, args.temperature, args.topk, gather, proc.rank)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -95,7 +95,7 @@ def main():
     model = MAECT(cfg, args.queue_size, args.pooling, args.proj_hidden, args.proj_dim, args.pred_hidden)
     init_weights(model.head)
     common.load_strict(model.encoder, enc_sd, args.init_from)
-    model.encoder.requires_grad_(False)
+    model.encoder.freeze(cfg["depth"])  # every block and the final norm: no gradient at all
     model.to(proc.device)
 
     # ---- optimiser: lr = blr * views per step / 256 ----
@@ -125,8 +125,7 @@ def main():
     save_every = args.save_every or steps_per_epoch
     gather = lambda x: common.gather(x, grad=True)
     model.train()
-    raw.encoder.eval()  # frozen: eval mode, and run without gradient (frozen_blocks = depth)
-    depth = len(raw.encoder.blocks)
+    raw.encoder.eval()  # frozen: eval mode, and run without gradient
     while step < last_step:
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch, start_batch=step % steps_per_epoch)
@@ -137,7 +136,7 @@ def main():
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
             with proc.autocast():
-                loss, z0, slots = model([v0, v1], idx, args.temperature, 1, depth, gather, proc.rank)
+                loss, z0, slots = model([v0, v1], idx, args.temperature, 1, gather, proc.rank)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

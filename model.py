@@ -122,6 +122,7 @@ class VisionTransformer(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.grid), persistent=True)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.frozen_blocks = 0  # see freeze()
 
     def random_masking(self, x, mask_ratio):
         """Keep a random subset of L*(1-mask_ratio) tokens per sample, chosen by argsort of uniform noise
@@ -139,27 +140,37 @@ class VisionTransformer(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)  # back to patch order
         return x_kept, mask, ids_restore
 
-    def forward_features(self, x, mask_ratio=0.0, frozen_blocks=0):
+    def freeze(self, n_blocks):
+        """Freeze the patch embedding, CLS token and the first n_blocks blocks (stage 3: the lower half; stage 2:
+        all of them and the final norm). Frozen parts run without gradient, so they cost no activation memory.
+        An attribute, not a forward argument: torch.compile treats it as a constant."""
+        self.frozen_blocks = n_blocks
+        for m in [self.patch_embed, *self.blocks[:n_blocks]] + ([self.norm] if n_blocks == len(self.blocks) else []):
+            m.requires_grad_(False)
+        self.cls_token.requires_grad_(False)
+        return self
+
+    def forward_features(self, x, mask_ratio=0.0):
         """(B, C, H, W) -> tokens after the final LayerNorm, (B, 1+K, D), CLS first. With mask_ratio > 0 only
-        K = L(1-mask_ratio) patch tokens remain and (mask, ids_restore) are returned too. The patch embedding,
-        CLS token and the first `frozen_blocks` blocks run without gradient (stage 3 freezes them)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_blocks == 0):
+        K = L(1-mask_ratio) patch tokens remain and (mask, ids_restore) are returned too."""
+        n_frozen = self.frozen_blocks
+        with torch.set_grad_enabled(torch.is_grad_enabled() and n_frozen == 0):
             x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
             mask = ids_restore = None
             if mask_ratio > 0:
                 x, mask, ids_restore = self.random_masking(x, mask_ratio)  # (B, K, D)
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, 1+K, D)
-            for blk in self.blocks[:frozen_blocks]:
+            for blk in self.blocks[:n_frozen]:
                 x = blk(x)
-        for blk in self.blocks[frozen_blocks:]:
+        for blk in self.blocks[n_frozen:]:
             x = blk(x)
         x = self.norm(x)
         return (x, mask, ids_restore) if mask_ratio > 0 else x
 
-    def forward(self, x, pooling="mean", frozen_blocks=0):
+    def forward(self, x, pooling="mean"):
         """Pooled feature (B, D): CLS token or mean of the patch tokens, both after the final LayerNorm."""
-        x = self.forward_features(x, frozen_blocks=frozen_blocks)
+        x = self.forward_features(x)
         return x[:, 0] if pooling == "cls" else x[:, 1:].mean(dim=1)
 
 
@@ -332,8 +343,8 @@ def nnclr_loss(nn_a, pred_b, temperature, rank=0):
 
 
 class MAECT(nn.Module):
-    """Encoder + NNCLR head + queue: the model of stages 2 (head on a frozen encoder, `frozen_blocks` = depth)
-    and 3 (upper blocks trained too). With `target=True` (stage 3) an EMA copy of the projector supplies the
+    """Encoder + NNCLR head + queue: the model of stages 2 (head on a frozen encoder, encoder.freeze(depth))
+    and 3 (upper blocks trained too, encoder.freeze(depth // 2)). With `target=True` (stage 3) an EMA copy of the projector supplies the
     lookup and the queue; without it the online projection (detached) does."""
 
     def __init__(self, cfg, queue_size, pooling, proj_hidden=2048, proj_dim=256, pred_hidden=4096, target=False):
@@ -347,13 +358,13 @@ class MAECT(nn.Module):
             self.target_projector = mlp([cfg["embed_dim"], proj_hidden, proj_hidden, proj_dim], last_bn=True)
             self.target_projector.requires_grad_(False)
 
-    def forward(self, views, idx, temperature, topk=1, frozen_blocks=0, gather=lambda x: x, rank=0):
+    def forward(self, views, idx, temperature, topk=1, gather=lambda x: x, rank=0):
         """views: two (n, C, H, W) batches of the same images, idx (n,) their dataset indices.
         Returns the symmetric loss, the normalised view-0 embedding to enqueue (n, d) and the queue slots of
         view 0's neighbours (n,) (for the NN-accuracy diagnostic). `gather` concatenates over ranks, with
         gradient (common.gather); the caller enqueues after the optimiser step (SPEC, stage 2)."""
         # ViT has no batch statistics, so both views go through the encoder at once: (2n, D)
-        feats = self.encoder(torch.cat(views), self.pooling, frozen_blocks=frozen_blocks).chunk(2)
+        feats = self.encoder(torch.cat(views), self.pooling).chunk(2)
         proj, pred = zip(*(self.head(f) for f in feats))  # the head sees one view at a time: BN per view
         with torch.no_grad():
             if self.target_projector is not None:

@@ -14,16 +14,13 @@ def make_case(stage3, batch=8, queue_size=16):
     model = init_weights(MAECT(cfg, queue_size, "mean", **HEAD, target=stage3))
     if stage3:
         model.target_projector.load_state_dict(model.head.projector.state_dict())
-        enc = model.encoder  # frozen before DDP, as contrastive_tune.py does: DDP reduces only trained params
-        for m in [enc.patch_embed, *enc.blocks[:2]]:
-            m.requires_grad_(False)
-        enc.cls_token.requires_grad_(False)
+        model.encoder.freeze(2)  # before DDP, as contrastive_tune.py does: DDP reduces only trained params
     else:
-        model.encoder.requires_grad_(False)
+        model.encoder.freeze(4)
     # half of the queue holds earlier embeddings of the batch's own images (indices 0..7): they must be skipped
     model.queue.indices[:batch] = torch.arange(batch)
     views = [torch.randn(batch, 3, 16, 16), torch.randn(batch, 3, 16, 16)]
     idx = torch.arange(batch)
-    kw = dict(temperature=0.2, topk=1, frozen_blocks=2 if stage3 else 4)
+    kw = dict(temperature=0.2, topk=1)
     model.train()
     return model, views, idx, kw

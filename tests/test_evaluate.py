@@ -2,6 +2,7 @@
 
     python -m pytest tests/test_evaluate.py -q
 """
+import dataclasses
 import itertools
 import json
 import os
@@ -174,24 +175,23 @@ def test_lowshot_logistic_regression():
 
 # ---- features ----
 def test_extract_features_in_dataset_order():
-    train = data.load_split("synthetic", None, "val", 32)
-    sub = dataclasses_replace(train, 301)
+    sub = first_n(data.load_split("synthetic", None, "val", 32), 301)  # 301: a short last batch
     fn = lambda x: x.mean(dim=(2, 3))  # (B, C): identifies each image
     feats, labels = E.extract_features(fn, sub, 32, CPU, batch_size=64)
     ref = data._normalize(sub.images.float() / 255, sub.mean, sub.std).mean(dim=(2, 3))
     assert torch.allclose(feats, ref, atol=1e-5) and torch.equal(labels, sub.labels)
 
 
-def dataclasses_replace(imageset, n):
-    import dataclasses
+def first_n(imageset, n):
+    """The first n images of an in-memory ImageSet."""
     return dataclasses.replace(imageset, images=imageset.images[:n], labels=imageset.labels[:n])
 
 
 def test_knn_eval_restores_mode_and_ignores_decoder():
     cfg = model.model_config("vit_nano", 32, 4, 3)
     mae = model.init_weights(model.MaskedAutoencoder(**cfg)).train()  # forward() of an MAE is its loss
-    tr = dataclasses_replace(data.load_split("synthetic", None, "train", 32), 400)
-    va = dataclasses_replace(data.load_split("synthetic", None, "val", 32), 200)
+    tr = first_n(data.load_split("synthetic", None, "train", 32), 400)
+    va = first_n(data.load_split("synthetic", None, "val", 32), 200)
     res = E.knn_eval(mae, tr, va, CPU, pooling="cls", ks=(1, 10), batch_size=128)
     assert set(res) == {"knn1", "knn10"} and all(0 <= v <= 100 for v in res.values())
     assert mae.training
