@@ -37,7 +37,7 @@ def main_guard(main):
 
 
 # ---------------------------------------------------------------- flags shared by every stage
-def add_common_args(p, epochs, batch_size, blr, warmup_epochs, out_dir):
+def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir):
     """The flags every stage spells the same way; each script passes its own defaults."""
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="synthetic", help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated shapes, no download)")
@@ -49,7 +49,8 @@ def add_common_args(p, epochs, batch_size, blr, warmup_epochs, out_dir):
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
     g.add_argument("--batch_size", type=int, default=batch_size, help="GLOBAL batch in images, split over all processes")
     g.add_argument("--blr", type=float, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
-    g.add_argument("--warmup_epochs", type=float, default=warmup_epochs, help="linear warm-up length before the cosine decay")
+    g.add_argument("--warmup_epochs", type=float, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac:.0%} of --epochs, as the paper)")
+    p.set_defaults(warmup_frac=warmup_frac)
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs); the schedule still spans --epochs")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=out_dir, help="run folder: ckpt.pt, log.jsonl, pictures")
@@ -59,7 +60,7 @@ def add_common_args(p, epochs, batch_size, blr, warmup_epochs, out_dir):
     g.add_argument("--seed", type=int, default=0, help="seed; every random draw is a function of (seed, rank, step)")
     g.add_argument("--log_every", type=int, default=20, help="steps between progress lines")
     g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints (default: once per epoch)")
-    g.add_argument("--eval_every", type=int, default=0, help="epochs between k-NN evaluations on the val split (0: only at the end)")
+    g.add_argument("--eval_every", type=int, default=0, help="epochs between k-NN checks on the val split, logged to log.jsonl (0: none; evaluate.py does the full evaluation)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     return p
 
@@ -101,6 +102,8 @@ def setup(args):
     device = torch.device(dev)
     if args.batch_size % world:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = args.warmup_frac * args.epochs
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.precision = precision
     if args.compile is None:
@@ -286,10 +289,26 @@ class Logger:
         self.write(dict(step=step, **vals, img_per_s=round(rate, 1), mem_gib=round(mem, 2)))
         self.t0, self.s0 = time.time(), step
 
+    def event(self, step, **vals):
+        """An evaluation result: one line on stdout and one JSON line, whenever it happens."""
+        self.proc.print(f"eval at step {step}: " + " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items()))
+        self.write(dict(step=step, **vals))
+
     def write(self, record):
         if self.proc.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def check_finite(loss, step, ckpt_path):
+    """Stop on a non-finite loss. Called at log and checkpoint time only (a check per step would cost a host
+    sync per step); the check before every save means a NaN model never overwrites the last good checkpoint."""
+    bad = (~torch.isfinite(loss)).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad)  # every rank stops together, even if only one saw the NaN
+    if bad.item():
+        raise UserError(f"non-finite loss at step {step}: stopping; the last good checkpoint is {ckpt_path} "
+                        "(lower --blr or check the data)")
 
 
 def print_config(proc, args, **extra):

@@ -26,13 +26,14 @@ import torch
 
 import common
 import data
+import evaluate
 from init_head import add_head_args, check_queue, nn_accuracy
 from model import MAECT
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_epochs=4, out_dir="runs/ct")
+    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct")
     add_head_args(p)
     g = p.add_argument_group("contrastive tuning")
     g.add_argument("--topk", type=int, default=20, help="the positive is drawn uniformly from this many nearest neighbours (paper: 20; 1 = NNCLR)")
@@ -91,6 +92,7 @@ def main():
     loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
                              args.seed, num_workers=args.num_workers)
     train_labels = train.labels.to(proc.device)
+    val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed) if args.eval_every else None
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
@@ -159,6 +161,8 @@ def main():
                 common.ema_update(encoder_ema, raw.encoder, args.encoder_ema)
             raw.queue.enqueue(common.gather(z0), common.gather(idx))  # target embeddings of view 0, all ranks
             step += 1
+            if log.due(step) or step % save_every == 0 or step == last_step:
+                common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
                 log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(raw, slots, labels, train_labels),
                     lr=cur_lr)
@@ -172,6 +176,8 @@ def main():
                     torch.distributed.barrier()
             if step >= last_step:
                 break
+        if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
+            log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling))  # monitoring only
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 
 

@@ -22,12 +22,13 @@ import torch
 
 import common
 import data
+import evaluate
 from model import MAECT, init_weights
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_epochs=4, out_dir="runs/head")
+    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head")
     add_head_args(p)
     return p.parse_args(argv)
 
@@ -87,6 +88,7 @@ def main():
     loader = data.ViewLoader(train, local_batch, "minimal", 2, args.img_size, proc.device, proc.rank, proc.world,
                              args.seed, num_workers=args.num_workers)
     train_labels = train.labels.to(proc.device)
+    val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed) if args.eval_every else None
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
@@ -142,6 +144,8 @@ def main():
             opt.step()
             raw.queue.enqueue(common.gather(z0), common.gather(idx))  # after the step, as the authors
             step += 1
+            if log.due(step) or step % save_every == 0 or step == last_step:
+                common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
                 log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(raw, slots, labels, train_labels),
                     lr=cur_lr)
@@ -154,6 +158,8 @@ def main():
                     torch.distributed.barrier()
             if step >= last_step:
                 break
+        if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
+            log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling))  # monitoring only
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 
 

@@ -23,12 +23,13 @@ from torchvision.utils import save_image
 
 import common
 import data
+import evaluate
 from model import PRESETS, MaskedAutoencoder, init_weights, model_config
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, epochs=800, batch_size=1024, blr=1.5e-4, warmup_epochs=40, out_dir="runs/mae")
+    common.add_common_args(p, epochs=800, batch_size=1024, blr=1.5e-4, warmup_frac=0.05, out_dir="runs/mae")
     g = p.add_argument_group("MAE")
     g.add_argument("--model", default="vit_tiny", choices=list(PRESETS), help="size preset (model.PRESETS); vit_nano for CPU smoke runs")
     g.add_argument("--patch_size", type=int, default=None, help="patch side (default: 4 for images <= 64 px, else 16)")
@@ -116,11 +117,15 @@ def main():
             loss.backward()
             opt.step()
             step += 1
+            if log.due(step) or step % save_every == 0 or step == last_step:
+                common.check_finite(loss.detach(), step, ckpt_path)
             log(step, epoch=epoch, loss=loss.detach(), lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 save(proc, args, raw, opt, step, epoch, cfg, ckpt_path)
             if step >= last_step:
                 break
+        if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
+            log.event(step, epoch=epoch, **evaluate.knn_eval(raw, train, val, proc, cfg["pooling"]))  # monitoring only
         if args.pictures and proc.main and ((epoch + 1) % args.pictures == 0 or step == last_step):
             save_reconstructions(raw, val, args, proc, os.path.join(args.out_dir, f"recon_ep{epoch:04d}.png"))
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
