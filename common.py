@@ -102,7 +102,7 @@ def setup(args):
     device = torch.device(dev)
     if args.batch_size % world:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
-    if args.warmup_epochs is None:
+    if getattr(args, "warmup_epochs", 0) is None:
         args.warmup_epochs = args.warmup_frac * args.epochs
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.precision = precision
