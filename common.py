@@ -205,11 +205,26 @@ def ema_update(target, online, momentum):
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(path, **payload):
     """Plain tensors and primitives only (loads with weights_only=True); written to a temp file and renamed
-    so that a kill never leaves a half-written checkpoint, and the previous one survives until the rename."""
+    so that a kill never leaves a half-written checkpoint, and the previous one survives until the rename.
+    Non-finite weights are refused: a finite loss does not prove the update after it was finite (an inf
+    learning rate, say), and a NaN model must never replace the last good checkpoint."""
+    bad = [k for k, v in payload.get("model", {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"non-finite weights at step {payload.get('step')} ({bad[0]}{' ...' if len(bad) > 1 else ''}): "
+                        f"not saved; the last good checkpoint is {path} (lower --blr or check the data)")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def want_resume(args, ckpt_path):
+    """Resume from ckpt_path with --resume, or by itself when torchrun restarted this job after a crash
+    (--max_restarts; torchrun sets TORCHELASTIC_RESTART_COUNT > 0 in the restarted workers) and the failed
+    attempt got as far as a checkpoint. Otherwise start fresh."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    return args.resume or (restarted and os.path.isfile(ckpt_path))
 
 
 def load_checkpoint(path, stages=None):

@@ -114,7 +114,7 @@ def main():
     lr = args.blr * args.batch_size * 2 / 256
     opt = common.adamw(param_groups(model, args), (0.9, 0.999), proc.device)
     step = 0
-    if args.resume:
+    if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["ct"])
         common.load_strict(model, ckpt["model"], ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])

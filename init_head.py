@@ -104,7 +104,7 @@ def main():
     lr = args.blr * args.batch_size * 2 / 256
     opt = common.adamw(common.decay_groups(model.head.named_parameters(), args.head_weight_decay), (0.9, 0.999), proc.device)
     step = 0
-    if args.resume:
+    if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["head"])
         common.load_strict(model, ckpt["model"], ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])

@@ -313,7 +313,8 @@ class NNQueue(nn.Module):
         """For normalised queries z (B, d) with dataset indices idx (B,): the nearest queue entry by cosine
         similarity (topk=1), or one drawn uniformly from the topk nearest. Entries of the same sample are
         excluded. Returns (neighbours (B, d), their queue slots (B,))."""
-        sim = z.float() @ self.embeddings.T  # (B, N), fp32
+        with torch.autocast(z.device.type, enabled=False):  # similarities in fp32, also under bf16 autocast
+            sim = z.float() @ self.embeddings.float().T  # (B, N)
         sim.masked_fill_(idx[:, None] == self.indices[None, :], float("-inf"))
         if topk == 1:
             slot = sim.argmax(dim=1)
@@ -325,8 +326,8 @@ class NNQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, z, idx):
-        """Write (n, d) normalised embeddings (already gathered over ranks) at the pointer, FIFO. The queue
-        size is a multiple of n (checked at start-up), so a batch never wraps around mid-write."""
+        """Write (n, d) normalised embeddings (already gathered over ranks) at the pointer, FIFO, wrapping
+        around at the end (the scripts keep the queue a multiple of the global batch)."""
         n, size = z.shape[0], self.embeddings.shape[0]
         slots = (self.ptr + torch.arange(n, device=z.device)) % size  # on the device: no host sync per step
         self.embeddings.index_copy_(0, slots, z.to(self.embeddings.dtype))
@@ -337,7 +338,8 @@ class NNQueue(nn.Module):
 def nnclr_loss(nn_a, pred_b, temperature, rank=0):
     """Cross-entropy of queue neighbours of view a (n, d) against predictions of view b gathered over all
     ranks (world*n, d): the positive of query i is row rank*n + i. Both inputs L2-normalised; fp32."""
-    logits = nn_a.float() @ pred_b.float().T / temperature  # (n, world*n)
+    with torch.autocast(nn_a.device.type, enabled=False):  # logits and softmax in fp32
+        logits = nn_a.float() @ pred_b.float().T / temperature  # (n, world*n)
     labels = torch.arange(nn_a.shape[0], device=nn_a.device) + rank * nn_a.shape[0]
     return F.cross_entropy(logits, labels)
 
@@ -376,6 +378,40 @@ class MAECT(nn.Module):
         p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
         loss = (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2
         return loss, z[0], slots
+
+
+class JointMAE(nn.Module):
+    """MAE and NNCLR trained together from the start with one loss, MAE + weight * NNCLR: the ablation that
+    MAE-CT argues against (the sequential recipe MAE -> head -> tuning is better; the joint NNCLR loss falls fast
+    by a shortcut on colour statistics). Built by pretrain_mae.py --nnclr_weight > 0; stage 1 alone never uses it.
+
+    The NNCLR part pools the encoder tokens of the *masked* views, the very tokens the MAE loss already computes:
+    one encoder pass per view, as a joint model naturally would be built (a second, unmasked pass would cost ~4x
+    the encoder compute of the MAE pass and so would not be the same budget); the masking then also acts as an
+    augmentation. Lookup: exact nearest neighbour (top-1) of the online projection, as stage 2."""
+
+    def __init__(self, mae, queue_size, pooling, proj_hidden=2048, proj_dim=256, pred_hidden=4096):
+        super().__init__()
+        self.mae, self.pooling = mae, pooling
+        self.head = NNCLRHead(mae.cls_token.shape[-1], proj_hidden, proj_dim, pred_hidden)
+        self.queue = NNQueue(queue_size, proj_dim)
+
+    def forward(self, views, idx, mask_ratio, temperature, gather=lambda x: x, rank=0):
+        """views: two (n, C, H, W) batches of the same images, idx (n,) their dataset indices. Returns
+        (MAE loss over both views, symmetric NNCLR loss, normalised view-0 projection to enqueue (n, d), queue
+        slots of view 0's neighbours (n,)); the caller enqueues after the optimiser step."""
+        imgs = torch.cat(views)  # (2n, C, H, W): the same masking draws as a plain MAE with two views
+        latent, mask, ids_restore = self.mae.forward_features(imgs, mask_ratio=mask_ratio)  # (2n, 1+K, D)
+        mae_loss = self.mae.forward_loss(imgs, self.mae.forward_decoder(latent, ids_restore), mask)
+        pooled = latent[:, 0] if self.pooling == "cls" else latent[:, 1:].mean(dim=1)  # (2n, D), visible tokens
+        proj, pred = zip(*(self.head(f) for f in pooled.chunk(2)))  # BN per view
+        with torch.no_grad():
+            z = [F.normalize(p.detach().float(), dim=1) for p in proj]
+            nn0, slots = self.queue.lookup(z[0], idx)
+            nn1, _ = self.queue.lookup(z[1], idx)
+        p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
+        nnclr = (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2
+        return mae_loss, nnclr, z[0], slots
 
 
 # ---------------------------------------------------------------- init and loading

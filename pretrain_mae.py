@@ -11,6 +11,9 @@ Only the loss on masked patches counts. The result is a rich but not object-clus
     torchrun --nproc_per_node=8 pretrain_mae.py --dataset imagefolder --data_path /data/imagenet100 \\
         --model vit_base --patch_size 16 --img_size 224 --batch_size 1024 --epochs 800 --out_dir runs/mae_in100
 
+    # Ablation (MAE-CT's third check, ablations.sh): MAE and NNCLR together from the start, loss = MAE + 1.0 * NNCLR
+    python pretrain_mae.py --dataset synthetic --model vit_nano --epochs 5 --nnclr_weight 1 --out_dir runs/joint --device cpu
+
 Writes OUT_DIR/ckpt.pt (stage "mae") every epoch, log.jsonl and recon_*.png (val images | masked | output).
 Kill it at any time and rerun with --resume: the run continues as if never interrupted.
 """
@@ -24,7 +27,8 @@ from torchvision.utils import save_image
 import common
 import data
 import evaluate
-from model import PRESETS, MaskedAutoencoder, init_weights, model_config
+from init_head import check_queue, nn_accuracy
+from model import PRESETS, JointMAE, MaskedAutoencoder, init_weights, model_config
 
 
 def parse_args(argv=None):
@@ -38,6 +42,14 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on matrices (none on biases, norms, tokens)")
     g.add_argument("--no_norm_pix_loss", action="store_true", help="regress raw pixels instead of per-patch normalised ones")
     g.add_argument("--pictures", type=int, default=1, help="save a reconstruction grid of val images every N epochs (0: never)")
+    g = p.add_argument_group("joint MAE + NNCLR (an ablation; 0 = plain MAE)")
+    g.add_argument("--nnclr_weight", type=float, default=0.0, help="lambda: train MAE + lambda * NNCLR from the start on two views per image (MAE-CT's ablation; the paper's recipe is MAE, then init_head.py, then contrastive_tune.py). 0: plain MAE, no NNCLR part is built")
+    g.add_argument("--queue_size", type=int, default=None, help="NNCLR queue length, a multiple of the global batch (default: min(65536, train size) rounded down to one)")
+    g.add_argument("--temperature", type=float, default=0.15, help="softmax temperature of the NNCLR loss")
+    g.add_argument("--proj_hidden", type=int, default=2048, help="projector hidden width")
+    g.add_argument("--proj_dim", type=int, default=256, help="embedding width (projector output, queue entries)")
+    g.add_argument("--pred_hidden", type=int, default=4096, help="predictor hidden width")
+    g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the NNCLR head")
     return p.parse_args(argv)
 
 
@@ -51,6 +63,13 @@ def main():
         cfg = model_config(args.model, args.img_size, args.patch_size, data.num_channels(args.dataset))
     except ValueError as e:
         raise common.UserError(str(e))
+    if args.nnclr_weight < 0:
+        raise common.UserError("--nnclr_weight must be >= 0")
+    joint = args.nnclr_weight > 0
+    if joint:
+        args.num_views = 2  # NNCLR needs two views of each image; the MAE loss then covers both
+        if args.mask_ratio <= 0:
+            raise common.UserError("--nnclr_weight > 0 pools the masked encoder tokens: --mask_ratio must be > 0")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.isfile(ckpt_path):
         raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
@@ -64,6 +83,9 @@ def main():
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed)
     if len(train) < args.batch_size:
         raise common.UserError(f"--batch_size {args.batch_size} is larger than the training set ({len(train)} images)")
+    if joint:
+        check_queue(args, len(train))
+        train_labels = train.labels.to(proc.device)  # for the nn_acc diagnostic only
     loader = data.ViewLoader(train, local_batch, "mae", args.num_views, args.img_size, proc.device, proc.rank,
                              proc.world, args.seed, num_workers=args.num_workers)
     steps_per_epoch = len(loader)
@@ -71,17 +93,27 @@ def main():
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 
     # ---- model ----
-    model = MaskedAutoencoder(**cfg, norm_pix_loss=not args.no_norm_pix_loss)
+    model = mae = MaskedAutoencoder(**cfg, norm_pix_loss=not args.no_norm_pix_loss)
     init_weights(model)
+    if joint:  # built after the MAE init, so the MAE starts from the same weights as a plain run of this seed
+        model = JointMAE(mae, args.queue_size, cfg["pooling"], args.proj_hidden, args.proj_dim, args.pred_hidden)
+        init_weights(model.head)
     model.to(proc.device)
 
     # ---- optimiser: lr = blr * views per step / 256 ----
     lr = args.blr * args.batch_size * args.num_views / 256
-    opt = common.adamw(common.decay_groups(model.named_parameters(), args.weight_decay), (0.9, 0.95), proc.device)
+    groups = common.decay_groups(mae.named_parameters(), args.weight_decay)
+    if joint:  # one loss, one optimiser; the head at the same lr with its own (stage-2) weight decay
+        groups += common.decay_groups(model.head.named_parameters(), args.head_weight_decay)
+    opt = common.adamw(groups, (0.9, 0.95), proc.device)
     step = 0
     if args.resume:
         ckpt = common.load_checkpoint(ckpt_path, stages=["mae"])
-        common.load_strict(model, ckpt["model"], ckpt_path)
+        if joint != ("nnclr_head" in ckpt):
+            raise common.UserError(f"{ckpt_path} was {'not ' if joint else ''}trained with --nnclr_weight > 0; resume it with the same setting")
+        common.load_strict(mae, ckpt["model"], ckpt_path)
+        if joint:  # head and queue live under their own key, so the "model" entry stays a plain MAE
+            common.load_strict(model, {**{"mae." + k: v for k, v in ckpt["model"].items()}, **ckpt["nnclr_head"]}, ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         proc.print(f"resumed from {ckpt_path} at step {step}")
@@ -100,6 +132,7 @@ def main():
     last_step = min(total_steps, args.max_steps or total_steps)
     log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size * args.num_views, args.log_every, last_step)
     save_every = args.save_every or steps_per_epoch
+    gather = lambda x: common.gather(x, grad=True)
     model.train()
     while step < last_step:
         epoch = step // steps_per_epoch
@@ -107,34 +140,50 @@ def main():
         batches = iter(loader)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             common.seed_step(args.seed, proc.rank, step)  # before the batch: its crops are random draws too
-            idx, views, _ = next(batches)
+            idx, views, labels = next(batches)
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
-            imgs = torch.cat(views) if len(views) > 1 else views[0]  # (V*B, C, H, W)
-            with proc.autocast():
-                loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
+            if joint:
+                with proc.autocast():
+                    mae_loss, nnclr_loss, z0, slots = model(views, idx, args.mask_ratio, args.temperature, gather, proc.rank)
+                loss = mae_loss + args.nnclr_weight * nnclr_loss
+            else:
+                imgs = torch.cat(views) if len(views) > 1 else views[0]  # (V*B, C, H, W)
+                with proc.autocast():
+                    loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if joint:
+                raw.queue.enqueue(common.gather(z0), common.gather(idx))  # after the step, as stage 2
             step += 1
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
-            log(step, epoch=epoch, loss=loss.detach(), lr=cur_lr)
+            if not joint:
+                log(step, epoch=epoch, loss=loss.detach(), lr=cur_lr)
+            elif log.due(step):  # both parts separately; nn_acc: how often the neighbour has the query's label
+                log(step, epoch=epoch, loss=loss.detach(), mae_loss=mae_loss.detach(), nnclr_loss=nnclr_loss.detach(),
+                    nn_acc=nn_accuracy(raw, slots, labels, train_labels), lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 save(proc, args, raw, opt, step, epoch, cfg, ckpt_path)
             if step >= last_step:
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
-            log.event(step, epoch=epoch, **evaluate.knn_eval(raw, train, val, proc, cfg["pooling"]))  # monitoring only
+            log.event(step, epoch=epoch, **evaluate.knn_eval(mae, train, val, proc, cfg["pooling"]))  # monitoring only
         if args.pictures and proc.main and ((epoch + 1) % args.pictures == 0 or step == last_step):
-            save_reconstructions(raw, val, args, proc, os.path.join(args.out_dir, f"recon_ep{epoch:04d}.png"))
+            save_reconstructions(mae, val, args, proc, os.path.join(args.out_dir, f"recon_ep{epoch:04d}.png"))
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 
 
 def save(proc, args, raw, opt, step, epoch, cfg, path):
+    """"model" is always the plain MaskedAutoencoder state dict (init_head.py loads it strictly); a joint run
+    adds its NNCLR head and queue under "nnclr_head" (JointMAE keys without the "mae." ones)."""
     if proc.main:
-        common.save_checkpoint(path, stage="mae", config=cfg, model=raw.state_dict(), optimizer=opt.state_dict(),
-                               step=step, epoch=epoch, seed=args.seed, args=common.args_dict(args))
+        joint = isinstance(raw, JointMAE)
+        extra = dict(nnclr_head={k: v for k, v in raw.state_dict().items() if not k.startswith("mae.")}) if joint else {}
+        common.save_checkpoint(path, stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
+                               optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
+                               args=common.args_dict(args), **extra)
     if proc.world > 1:
         torch.distributed.barrier()
 

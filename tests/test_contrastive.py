@@ -295,3 +295,14 @@ def test_bad_input(chain, tmp_path):
     assert_refused(ct(chain, out, "--topk", "100000"), out, "larger than the queue")
     assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")
+
+
+def test_similarities_and_loss_stay_fp32_under_bf16_autocast():
+    q = filled_queue(size=256, dim=32)
+    z = F.normalize(torch.randn(16, 32), dim=1)
+    idx = torch.full((16,), -5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, slots = q.lookup(z, idx, topk=1)
+        loss = nnclr_loss(z, q.embeddings[:16], 0.1)
+    assert torch.equal(slots, (z @ q.embeddings.T).argmax(dim=1))
+    assert loss.dtype == torch.float32 and loss.item() == nnclr_loss(z, q.embeddings[:16], 0.1).item()

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The paper's three checks as runnable experiments (MAE-CT, Lehner et al. 2024), one markdown table each:
+#   1. an NNCLR head on the frozen MAE encoder: k-NN in its own embedding (projector, predictor) vs the encoder's
+#   2. the top-k lookup as a data-driven augmentation: contrastive tuning with k = 1, 5, 10, 20, 50 vs --views aug
+#   3. MAE + lambda * NNCLR from the start (pretrain_mae.py --nnclr_weight) vs the sequential MAE -> head -> tuning
+#
+#   bash ablations.sh smoke                  # generated shapes, vit_nano, CPU (see ABLATIONS.md for the time)
+#   bash ablations.sh cifar10_5k --device cpu
+#
+# Stage 1, 2 and the recipe's stage 3 come from reproduce.sh, run first into the same RUN folder (a finished stage
+# is skipped, so an existing RUN is reused). Every arm of one comparison gets the same budget: each tuning arm E3
+# epochs from the same stage-2 head; each joint arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
+# Environment as reproduce.sh: SEED, RUN (default runs/abl_NAME_sSEED), E1/E2/E3, STEPS (cap every run at this many
+# steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "0.1 1"), METRICS (evaluate.py metrics,
+# default knn,linear). Extra flags go to every training and evaluation run. Tables: RUN/ablations.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+name=${1:?usage: bash ablations.sh smoke|cifar10_5k [flags]}
+shift
+SEED=${SEED:-0}
+
+# The data and head flags must match reproduce.sh's recipe of the same name, so its checkpoints are reused.
+# Ours: shorter default epochs than reproduce.sh, so that all arms fit a CPU session (override with E1/E2/E3).
+case $name in
+  smoke)      data="--dataset synthetic"; e=(10 5 5); bs=256
+              head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; topk=5 ;;
+  cifar10_5k) data="--dataset imagefolder --data_path ../shared/data/cifar10-5k --img_size 32"; e=(30 10 10); bs=256
+              head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 1024"; topk=5 ;;
+  *) echo "error: unknown recipe '$name' (smoke, cifar10_5k)" >&2; exit 2 ;;
+esac
+export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
+export RUN=${RUN:-runs/abl_${name}_s${SEED}}
+TOPKS=${TOPKS:-1 5 10 20 50}; LAMBDAS=${LAMBDAS:-0.1 1}; METRICS=${METRICS:-knn,linear}
+cap=${STEPS:+--max_steps $STEPS}
+A=$RUN/abl
+mkdir -p "$A"
+
+bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/eval_mae, RUN/eval_ct
+
+run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the wall seconds); resume if begun
+  local dir=$1 script=$2; shift 2
+  if [ -f "$dir/DONE" ]; then echo "== $dir: done already, skipped"; return; fi
+  local resume=""; [ -f "$dir/ckpt.pt" ] && resume="--resume"
+  echo "== $script -> $dir"
+  local t0=$SECONDS
+  python "$script" $data --seed "$SEED" --out_dir "$dir" --batch_size "$bs" $resume "$@"
+  echo $((SECONDS - t0)) > "$dir/DONE"
+}
+evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
+  local dir=$1 ckpt=$2; shift 2
+  if [ -f "$dir/results.json" ]; then echo "== $dir: evaluated already, skipped"; return; fi
+  echo "== evaluate.py $ckpt $* -> $dir"
+  python evaluate.py --init_from "$ckpt" $data --seed "$SEED" --out_dir "$dir" --metrics "$METRICS" "$@"
+}
+
+# ---- 1: the head's own embedding vs the frozen encoder's features (one stage-2 checkpoint) ----
+for f in encoder projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt" --features $f "$@"; done
+
+# ---- 2: top-k lookup strength, and hand-made augmentation, all from the same stage-2 head ----
+warm=$((E3 / 5))
+for k in $TOPKS; do
+  if [ "$k" = "$topk" ]; then ln -sfn ../ct "$A/ct_k$k"  # reproduce.sh's stage 3 is this arm
+  else run "$A/ct_k$k" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$k" --epochs "$E3" --warmup_epochs $warm $cap "$@"; fi
+  evaluate "$A/eval_ct_k$k" "$A/ct_k$k/ckpt.pt" "$@"
+done
+run "$A/ct_aug" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$topk" --views aug --head_blr 5e-4 \
+    --epochs "$E3" --warmup_epochs $warm $cap "$@"
+evaluate "$A/eval_ct_aug" "$A/ct_aug/ckpt.pt" "$@"
+
+# ---- 3: joint MAE + lambda * NNCLR from scratch, the budget of the whole sequential recipe ----
+EJ=$((E1 + E2 + E3))
+for l in $LAMBDAS; do
+  run "$A/joint_l$l" pretrain_mae.py --model "$(python -c "import torch; print(torch.load('$RUN/mae/ckpt.pt', weights_only=True)['config']['model'])")" \
+      --nnclr_weight "$l" $head --epochs "$EJ" --warmup_epochs $((EJ / 20 + 1)) --log_every 5 --pictures 0 $cap "$@"
+  evaluate "$A/eval_joint_l$l" "$A/joint_l$l/ckpt.pt" --pooling "$(python -c "import json; print(json.load(open('$RUN/eval_ct/results.json'))['pooling'])")" "$@"
+done
+
+# ---- tables ----
+python - "$RUN" "$TOPKS" "$LAMBDAS" "$topk" "$E1" "$E2" "$E3" <<'EOF'
+import json, os, sys
+run, topks, lambdas, topk = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
+E1, E2, E3 = map(int, sys.argv[5:8])
+A = f"{run}/abl"
+res = lambda d: json.load(open(f"{d}/results.json"))
+log = lambda d: [json.loads(l) for l in open(f"{d}/log.jsonl") if l.strip() and "loss" in l]
+secs = lambda d: open(f"{d}/DONE").read().strip()
+fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
+out = [f"# Ablations: {run} (seed {json.load(open(f'{run}/eval_mae/results.json')).get('dataset')}, stage epochs {E1}/{E2}/{E3})", ""]
+
+out += ["## 1. NNCLR head on the frozen MAE encoder (stage-2 checkpoint): k-NN in each embedding", "",
+        "| features | dim | k-NN@10 | k-NN@20 | linear |", "|---|---|---|---|---|"]
+for f in ("encoder", "projector", "predictor"):
+    r = res(f"{A}/f1_{f}")
+    out.append(f"| {f} | {r['feature_dim']} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} |")
+
+out += ["", f"## 2. Contrastive tuning from the same head, {E3} epochs each: top-k lookup vs hand-made augmentation", "",
+        "| arm | k-NN@10 | k-NN@20 | linear | final NNCLR loss | final nn_acc | train s |", "|---|---|---|---|---|---|---|"]
+arms = [(f"top-{k}, crop+flip" + (" (reproduce.sh stage 3)" if k == topk else ""), f"ct_k{k}") for k in topks]
+arms.append((f"top-{topk}, --views aug (BYOL colour), head_blr 5e-4", "ct_aug"))
+for label, d in arms:
+    r, last = res(f"{A}/eval_{d}"), log(f"{A}/{d}")[-1]
+    out.append(f"| {label} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} | "
+               f"{fmt(last['loss'], 3)} | {fmt(last.get('nn_acc'), 3)} | {secs(f'{A}/{d}')} |")
+
+out += ["", f"## 3. Sequential MAE -> head -> tuning vs joint MAE + lambda * NNCLR from scratch ({E1 + E2 + E3} epochs)", "",
+        "| arm | epochs | k-NN@10 | k-NN@20 | linear | train s |", "|---|---|---|---|---|---|"]
+mae, ct = res(f"{run}/eval_mae"), res(f"{run}/eval_ct")
+st = [int(secs(f"{run}/{s}")) for s in ("mae", "head", "ct")]
+out.append(f"| MAE only (stage 1) | {E1} | {fmt(mae.get('knn10'))} | {fmt(mae.get('knn20'))} | {fmt(mae.get('linear'))} | {st[0]} |")
+out.append(f"| MAE -> head -> tuning (top-{topk}) | {E1}+{E2}+{E3} | {fmt(ct.get('knn10'))} | {fmt(ct.get('knn20'))} | {fmt(ct.get('linear'))} | {sum(st)} |")
+for l in lambdas:
+    r = res(f"{A}/eval_joint_l{l}")
+    out.append(f"| joint, lambda = {l} | {E1 + E2 + E3} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} | {secs(f'{A}/joint_l{l}')} |")
+# The loss curves: joint NNCLR loss vs the stage-2 head's NNCLR loss on the frozen MAE (same head, queue, temperature).
+head = {r["step"]: r for r in log(f"{run}/head")}
+joints = {l: {r["step"]: r for r in log(f"{A}/joint_l{l}")} for l in lambdas}
+steps = sorted(s for s in set().union(*[set(j) for j in joints.values()]) if s <= 10 or s % 20 == 0 or s == max(head, default=0))
+pick = sorted(set(steps[:2] + steps[2::max(1, len(steps) // 8)] + steps[-1:]))
+out += ["", "NNCLR loss (and nn_acc: how often the looked-up neighbour has the query's class) during training; the "
+        "stage-2 column is the same loss for the head on the frozen stage-1 encoder (logged every 20 steps).", "",
+        "| step | " + " | ".join(f"joint lambda={l}: nnclr_loss / mae_loss / nn_acc" for l in lambdas) + " | stage 2: loss / nn_acc |",
+        "|---" * (len(lambdas) + 2) + "|"]
+for s in pick:
+    cells = [(f"{j[s]['nnclr_loss']:.3f} / {j[s]['mae_loss']:.3f} / {j[s]['nn_acc']:.3f}" if s in j else "") for j in joints.values()]
+    h = head.get(s)
+    out.append(f"| {s} | " + " | ".join(cells) + f" | {f'{h['loss']:.3f} / {h['nn_acc']:.3f}' if h else ''} |")
+open(f"{run}/ablations.md", "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+EOF

@@ -1,0 +1,36 @@
+"""reproduce.sh runs the whole chain (smoke recipe, a few steps per stage) and a rerun skips finished stages."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_reproduce_smoke_chain_and_rerun(tmp_path):
+    run = tmp_path / "smoke"
+    env = dict(os.environ, RUN=str(run), STEPS="3", OMP_NUM_THREADS="1",
+               EVAL="--metrics knn,kmeans --kmeans_seeds 2")
+    cmd = ["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for stage in ("mae", "head", "ct"):
+        assert (run / stage / "ckpt.pt").exists() and (run / stage / "DONE").exists()
+    table = (run / "table.md").read_text()
+    assert "| MAE |" in table and "| MAE-CT |" in table
+    for d in ("eval_mae", "eval_ct"):
+        res = json.loads((run / d / "results.json").read_text())
+        assert 0 <= res["knn10"] <= 100 and res["kmeans_acc_mean"] is not None
+    # a rerun continues rather than starting over: every stage and evaluation is skipped
+    r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert r2.stdout.count("skipped") == 5 and "pretrain_mae.py ->" not in r2.stdout
+    assert "| MAE-CT |" in r2.stdout
+
+
+def test_reproduce_rejects_unknown_recipe():
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown recipe")
