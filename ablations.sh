@@ -11,7 +11,7 @@
 # is skipped, so an existing RUN is reused). Every arm of one comparison gets the same budget: each tuning arm E3
 # epochs from the same stage-2 head; each joint arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
 # Environment as reproduce.sh: SEED, RUN (default runs/abl_NAME_sSEED), E1/E2/E3, STEPS (cap every run at this many
-# steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "0.1 1"), METRICS (evaluate.py metrics,
+# steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "1"), METRICS (evaluate.py metrics,
 # default knn,linear). Extra flags go to every training and evaluation run. Tables: RUN/ablations.md.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,15 +22,15 @@ SEED=${SEED:-0}
 # The data and head flags must match reproduce.sh's recipe of the same name, so its checkpoints are reused.
 # Ours: shorter default epochs than reproduce.sh, so that all arms fit a CPU session (override with E1/E2/E3).
 case $name in
-  smoke)      data="--dataset synthetic"; e=(10 5 5); bs=256
+  smoke)      data="--dataset synthetic"; model=vit_nano; e=(10 5 5); bs=256
               head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; topk=5 ;;
-  cifar10_5k) data="--dataset imagefolder --data_path ../shared/data/cifar10-5k --img_size 32"; e=(30 10 10); bs=256
+  cifar10_5k) data="--dataset imagefolder --data_path ../shared/data/cifar10-5k --img_size 32"; model=vit_nano; e=(30 10 10); bs=256
               head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 1024"; topk=5 ;;
   *) echo "error: unknown recipe '$name' (smoke, cifar10_5k)" >&2; exit 2 ;;
 esac
 export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
-export RUN=${RUN:-runs/abl_${name}_s${SEED}}
-TOPKS=${TOPKS:-1 5 10 20 50}; LAMBDAS=${LAMBDAS:-0.1 1}; METRICS=${METRICS:-knn,linear}
+export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
+TOPKS=${TOPKS:-1 5 10 20 50}; LAMBDAS=${LAMBDAS:-1}; METRICS=${METRICS:-knn,linear}
 cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"
@@ -59,8 +59,10 @@ for f in encoder projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt"
 # ---- 2: top-k lookup strength, and hand-made augmentation, all from the same stage-2 head ----
 warm=$((E3 / 5))
 for k in $TOPKS; do
-  if [ "$k" = "$topk" ]; then ln -sfn ../ct "$A/ct_k$k"  # reproduce.sh's stage 3 is this arm
-  else run "$A/ct_k$k" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$k" --epochs "$E3" --warmup_epochs $warm $cap "$@"; fi
+  if [ "$k" = "$topk" ]; then  # reproduce.sh's stage 3 is this arm (same head, epochs and flags)
+    ln -sfn ../ct "$A/ct_k$k"; ln -sfn ../eval_ct "$A/eval_ct_k$k"; continue
+  fi
+  run "$A/ct_k$k" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$k" --epochs "$E3" --warmup_epochs $warm $cap "$@"
   evaluate "$A/eval_ct_k$k" "$A/ct_k$k/ckpt.pt" "$@"
 done
 run "$A/ct_aug" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$topk" --views aug --head_blr 5e-4 \
@@ -70,22 +72,21 @@ evaluate "$A/eval_ct_aug" "$A/ct_aug/ckpt.pt" "$@"
 # ---- 3: joint MAE + lambda * NNCLR from scratch, the budget of the whole sequential recipe ----
 EJ=$((E1 + E2 + E3))
 for l in $LAMBDAS; do
-  run "$A/joint_l$l" pretrain_mae.py --model "$(python -c "import torch; print(torch.load('$RUN/mae/ckpt.pt', weights_only=True)['config']['model'])")" \
-      --nnclr_weight "$l" $head --epochs "$EJ" --warmup_epochs $((EJ / 20 + 1)) --log_every 5 --pictures 0 $cap "$@"
-  evaluate "$A/eval_joint_l$l" "$A/joint_l$l/ckpt.pt" --pooling "$(python -c "import json; print(json.load(open('$RUN/eval_ct/results.json'))['pooling'])")" "$@"
+  run "$A/joint_l$l" pretrain_mae.py --model $model --nnclr_weight "$l" $head --epochs "$EJ" --warmup_epochs $((EJ / 20 + 1)) --log_every 5 --pictures 0 $cap "$@"
+  evaluate "$A/eval_joint_l$l" "$A/joint_l$l/ckpt.pt" "$@"
 done
 
 # ---- tables ----
-python - "$RUN" "$TOPKS" "$LAMBDAS" "$topk" "$E1" "$E2" "$E3" <<'EOF'
+python - "$RUN" "$TOPKS" "$LAMBDAS" "$topk" "$E1" "$E2" "$E3" "$SEED" <<'EOF'
 import json, os, sys
 run, topks, lambdas, topk = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
-E1, E2, E3 = map(int, sys.argv[5:8])
+E1, E2, E3, seed = map(int, sys.argv[5:9])
 A = f"{run}/abl"
 res = lambda d: json.load(open(f"{d}/results.json"))
 log = lambda d: [json.loads(l) for l in open(f"{d}/log.jsonl") if l.strip() and "loss" in l]
 secs = lambda d: open(f"{d}/DONE").read().strip()
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
-out = [f"# Ablations: {run} (seed {json.load(open(f'{run}/eval_mae/results.json')).get('dataset')}, stage epochs {E1}/{E2}/{E3})", ""]
+out = [f"# Ablations: {run} (dataset {res(f'{run}/eval_mae')['dataset']}, seed {seed}, stage epochs {E1}/{E2}/{E3})", ""]
 
 out += ["## 1. NNCLR head on the frozen MAE encoder (stage-2 checkpoint): k-NN in each embedding", "",
         "| features | dim | k-NN@10 | k-NN@20 | linear |", "|---|---|---|---|---|"]
@@ -114,8 +115,9 @@ for l in lambdas:
 # The loss curves: joint NNCLR loss vs the stage-2 head's NNCLR loss on the frozen MAE (same head, queue, temperature).
 head = {r["step"]: r for r in log(f"{run}/head")}
 joints = {l: {r["step"]: r for r in log(f"{A}/joint_l{l}")} for l in lambdas}
-steps = sorted(s for s in set().union(*[set(j) for j in joints.values()]) if s <= 10 or s % 20 == 0 or s == max(head, default=0))
-pick = sorted(set(steps[:2] + steps[2::max(1, len(steps) // 8)] + steps[-1:]))
+logged = set(head).union(*joints.values())
+pick = sorted({s for s in logged if s in (5, 10) or (s % 20 == 0 and (s // 20) & (s // 20 - 1) == 0)}  # 5, 10, 20, 40, 80, ...
+              | {max(d) for d in [head, *joints.values()] if d})
 out += ["", "NNCLR loss (and nn_acc: how often the looked-up neighbour has the query's class) during training; the "
         "stage-2 column is the same loss for the head on the frozen stage-1 encoder (logged every 20 steps).", "",
         "| step | " + " | ".join(f"joint lambda={l}: nnclr_loss / mae_loss / nn_acc" for l in lambdas) + " | stage 2: loss / nn_acc |",
@@ -123,7 +125,8 @@ out += ["", "NNCLR loss (and nn_acc: how often the looked-up neighbour has the q
 for s in pick:
     cells = [(f"{j[s]['nnclr_loss']:.3f} / {j[s]['mae_loss']:.3f} / {j[s]['nn_acc']:.3f}" if s in j else "") for j in joints.values()]
     h = head.get(s)
-    out.append(f"| {s} | " + " | ".join(cells) + f" | {f'{h['loss']:.3f} / {h['nn_acc']:.3f}' if h else ''} |")
+    hcell = f"{h['loss']:.3f} / {h['nn_acc']:.3f}" if h else ""
+    out.append(f"| {s} | " + " | ".join(cells) + f" | {hcell} |")
 open(f"{run}/ablations.md", "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 EOF

@@ -29,7 +29,10 @@ def main_guard(main):
     except Exception as e:  # data.DataError shares the contract without importing this module
         if type(e).__name__ != "DataError":
             raise
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e).strip()
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original message only
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -179,7 +179,7 @@ def save(proc, args, raw, opt, step, epoch, cfg, path):
     """"model" is always the plain MaskedAutoencoder state dict (init_head.py loads it strictly); a joint run
     adds its NNCLR head and queue under "nnclr_head" (JointMAE keys without the "mae." ones)."""
     if proc.main:
-        joint = isinstance(raw, JointMAE)
+        joint = args.nnclr_weight > 0
         extra = dict(nnclr_head={k: v for k, v in raw.state_dict().items() if not k.startswith("mae.")}) if joint else {}
         common.save_checkpoint(path, stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
                                optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,

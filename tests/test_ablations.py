@@ -1,0 +1,188 @@
+"""Tests of the ablation tools (issue 8): pretrain_mae.py --nnclr_weight (joint MAE + NNCLR), evaluate.py
+--features projector/predictor, and ablations.sh end to end. CPU, vit_nano, a few steps each."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from model import JointMAE, MaskedAutoencoder, model_config
+
+SYNTH = ["--dataset", "synthetic", "--model", "vit_nano", "--device", "cpu", "--batch_size", "32", "--pictures", "0",
+         "--epochs", "1", "--log_every", "1"]
+HEAD = ["--proj_hidden", "32", "--proj_dim", "16", "--pred_hidden", "32", "--queue_size", "64"]
+PLAIN_KEYS = {"stage", "config", "model", "optimizer", "step", "epoch", "seed", "args"}
+
+
+def _ok(r):
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    return r
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _same_training(a, b):
+    """Model weights and optimiser state bit for bit."""
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+def test_joint_model_shapes_and_gradients():
+    cfg = model_config("vit_nano", 32, 4, 3)
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(**cfg)
+    joint = JointMAE(mae, 64, "mean", 32, 16, 32)
+    views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
+    mae_loss, nnclr, z0, slots = joint(views, torch.arange(8), 0.75, 0.15)
+    assert mae_loss.shape == nnclr.shape == () and z0.shape == (8, 16) and slots.shape == (8,)
+    assert torch.allclose(z0.norm(dim=1), torch.ones(8), atol=1e-5)
+    # the state dict splits cleanly: "mae." + a plain MAE's keys, the rest is head and queue
+    sd = joint.state_dict()
+    assert {k[4:] for k in sd if k.startswith("mae.")} == set(MaskedAutoencoder(**cfg).state_dict())
+    assert {k.split(".")[0] for k in sd if not k.startswith("mae.")} == {"head", "queue"}
+    # the NNCLR loss trains the encoder too (that is the point of the ablation), the MAE loss never the head
+    nnclr.backward(retain_graph=True)
+    assert mae.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and mae.decoder_pred.weight.grad is None
+    joint.zero_grad(set_to_none=True)
+    mae_loss.backward()
+    assert all(p.grad is None for p in joint.head.parameters())
+    # the MAE part draws the same masking noise as a plain MAE on both views: equal loss, same seed
+    torch.manual_seed(1)
+    ref = mae(torch.cat(views), mask_ratio=0.75)[0]
+    torch.manual_seed(1)
+    assert torch.equal(joint(views, torch.arange(8), 0.75, 0.15)[0], ref)
+
+
+@pytest.mark.slow
+def test_nnclr_weight_zero_is_plain_mae_bit_for_bit(tmp_path, monkeypatch):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", a))
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--nnclr_weight", "0", *HEAD, "--out_dir", b))
+    # c: in this process, with every piece of the NNCLR code made to fail if it is built or called
+    import init_head
+    import model
+
+    def boom(*a, **k):
+        raise AssertionError("--nnclr_weight 0 must not build or call any NNCLR code")
+    for mod, name in [(model, "JointMAE"), (model, "NNCLRHead"), (model, "NNQueue"), (init_head, "check_queue"),
+                      (init_head, "nn_accuracy")]:
+        monkeypatch.setattr(mod, name, boom)
+    monkeypatch.setattr(sys, "argv", ["pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", str(c)])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(REPO)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): CPU reductions may depend on it
+    try:
+        runpy.run_path(str(REPO / "pretrain_mae.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    ca, cb, cc = (_load(p / "ckpt.pt") for p in (a, b, c))
+    for ck in (ca, cb, cc):
+        assert set(ck) == PLAIN_KEYS and ck["stage"] == "mae" and ck["args"]["num_views"] == 1
+        assert set(ck["model"]) == set(MaskedAutoencoder(**ck["config"]).state_dict())
+    _same_training(ca, cb)
+    _same_training(ca, cc)
+    assert [r["loss"] for r in _log(a / "log.jsonl")] == [r["loss"] for r in _log(c / "log.jsonl")]
+    assert all(set(r) == {"step", "epoch", "loss", "lr", "img_per_s", "mem_gib"} for r in _log(b / "log.jsonl"))
+
+
+@pytest.mark.slow
+def test_nnclr_weight_zero_equals_the_code_before_the_flag(tmp_path):
+    """Against pretrain_mae.py as it was before --nnclr_weight (git history), run with today's other modules."""
+    try:
+        old = subprocess.run(["git", "show", "705479d:pretrain_mae.py"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the commit before --nnclr_weight is not in this checkout's history")
+    script = tmp_path / "pretrain_mae_old.py"
+    script.write_text(old)
+    env = {"PYTHONPATH": str(REPO)}
+    r = run_script(script, *SYNTH, "--max_steps", "3", "--out_dir", tmp_path / "old", env=env)
+    if r.returncode != 0:
+        pytest.skip(f"the old script no longer runs against today's modules: {r.stderr.strip().splitlines()[-1:]}")
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", tmp_path / "new"))
+    old_ck, new_ck = _load(tmp_path / "old" / "ckpt.pt"), _load(tmp_path / "new" / "ckpt.pt")
+    assert set(old_ck) == set(new_ck)
+    _same_training(old_ck, new_ck)
+
+
+@pytest.mark.slow
+def test_joint_run_logs_both_losses_resumes_and_feeds_init_head(tmp_path):
+    j = tmp_path / "joint"
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--out_dir", j))
+    recs = [r for r in _log(j / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:  # the total is the weighted sum of the two parts that are logged
+        assert abs(r["loss"] - (r["mae_loss"] + 0.5 * r["nnclr_loss"])) < 1e-4 and 0 <= r["nn_acc"] <= 1
+    ck = _load(j / "ckpt.pt")
+    assert set(ck) == PLAIN_KEYS | {"nnclr_head"} and ck["stage"] == "mae" and ck["args"]["num_views"] == 2
+    assert set(ck["model"]) == set(MaskedAutoencoder(**ck["config"]).state_dict())  # a plain MAE for stage 2
+    assert ck["nnclr_head"]["queue.embeddings"].shape == (64, 16) and int(ck["nnclr_head"]["queue.ptr"]) == 0
+    assert (ck["nnclr_head"]["queue.indices"] >= 0).all()  # 4 steps x 32 images filled the 64 slots twice
+    # resume: 2 + 2 steps equal 4 steps, the head and queue included
+    r2 = tmp_path / "resumed"
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--nnclr_weight", "0.5", *HEAD, "--out_dir", r2))
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--resume", "--out_dir", r2))
+    ck2 = _load(r2 / "ckpt.pt")
+    _same_training(ck, ck2)
+    for k in ck["nnclr_head"]:
+        assert torch.equal(ck["nnclr_head"][k], ck2["nnclr_head"][k]), k
+    # resuming with the other setting is refused, not silently half-loaded
+    bad = run_script("pretrain_mae.py", *SYNTH, "--max_steps", "5", "--resume", "--out_dir", r2)
+    assert bad.returncode != 0 and "nnclr_weight" in bad.stderr and "Traceback" not in bad.stderr
+    # the joint checkpoint starts stage 2 like any stage-1 checkpoint (strict encoder loading)
+    _ok(run_script("init_head.py", "--init_from", j / "ckpt.pt", "--dataset", "synthetic", "--device", "cpu",
+                   "--batch_size", "32", "--max_steps", "2", *HEAD, "--out_dir", tmp_path / "head"))
+    assert _load(tmp_path / "head" / "ckpt.pt")["stage"] == "head"
+
+
+@pytest.mark.slow
+def test_evaluate_projector_and_predictor_features(tmp_path):
+    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path / "mae"))
+    _ok(run_script("init_head.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--dataset", "synthetic", "--device",
+                   "cpu", "--batch_size", "32", "--max_steps", "3", *HEAD, "--out_dir", tmp_path / "head"))
+    for feats, dim in [("encoder", 64), ("projector", 16), ("predictor", 16)]:
+        out = tmp_path / f"eval_{feats}"
+        _ok(run_script("evaluate.py", "--init_from", tmp_path / "head" / "ckpt.pt", "--device", "cpu", "--metrics",
+                       "knn", "--features", feats, "--out_dir", out))
+        res = json.loads((out / "results.json").read_text())
+        assert res["features"] == feats and res["feature_dim"] == dim and res["stage"] == "head"
+        assert 0 <= res["knn10"] <= 100
+    # a stage-1 checkpoint has no head: refused with a message
+    r = run_script("evaluate.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--device", "cpu", "--features",
+                   "projector", "--out_dir", tmp_path / "x")
+    assert r.returncode != 0 and "stage-2/3" in r.stderr
+
+
+@pytest.mark.slow
+def test_ablations_sh_smoke_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN": str(run), "STEPS": "1", "TOPKS": "1 5", "LAMBDAS": "1",
+           "METRICS": "knn"}
+    r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env=env)
+    _ok(r)
+    table = (run / "ablations.md").read_text()
+    for heading in ("## 1.", "## 2.", "## 3."):
+        assert heading in table
+    assert "| projector | 128 |" in table and "| top-1, crop+flip |" in table and "| joint, lambda = 1 |" in table
+    assert (run / "abl" / "ct_k5").resolve() == (run / "ct").resolve()  # reproduce.sh's stage 3 is reused
+    assert _load(run / "abl" / "joint_l1" / "ckpt.pt")["args"]["nnclr_weight"] == 1.0
