@@ -107,7 +107,7 @@ def main():
         groups += common.decay_groups(model.head.named_parameters(), args.head_weight_decay)
     opt = common.adamw(groups, (0.9, 0.95), proc.device)
     step = 0
-    if args.resume:
+    if common.want_resume(args, ckpt_path):
         ckpt = common.load_checkpoint(ckpt_path, stages=["mae"])
         if joint != ("nnclr_head" in ckpt):
             raise common.UserError(f"{ckpt_path} was {'not ' if joint else ''}trained with --nnclr_weight > 0; resume it with the same setting")
