@@ -100,7 +100,7 @@ def main():
     # ---- model: stage-2 encoder + head; the target projector starts as a copy of the projector ----
     model = MAECT(cfg, args.queue_size, args.pooling, args.proj_hidden, args.proj_dim, args.pred_hidden, target=True)
     sd = dict(prev["model"])
-    if sd["queue.embeddings"].shape != model.queue.embeddings.shape:  # a new queue length starts empty
+    if "queue.embeddings" in sd and sd["queue.embeddings"].shape != model.queue.embeddings.shape:  # new length: empty
         proc.print(f"queue length {sd['queue.embeddings'].shape[0]} -> {args.queue_size}: starting with an empty queue")
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("queue.")})
     for k in [k for k in sd if k.startswith("head.projector.")]:
