@@ -70,7 +70,19 @@ class ImageSet:
         return len(self.labels)
 
 
-def default_img_size(dataset: str) -> int:
+def default_img_size(dataset: str, data_path: str | None = None) -> int:
+    """32 for CIFAR/synthetic, 28 for Fashion-MNIST; an image folder of small images (the first training image
+    at most 64 px a side, e.g. the CIFAR-10 subset) keeps their size, any other folder gets 224."""
+    if dataset == "imagefolder" and data_path:
+        from PIL import Image
+        first = next(iter(sorted((Path(data_path) / "train").glob("*/*"))), None)
+        if first is not None:
+            try:
+                with Image.open(first) as im:
+                    if max(im.size) <= 64 and im.size[0] == im.size[1]:
+                        return im.size[0]
+            except OSError:
+                pass  # unreadable: the loader reports it properly
     return {"fashion_mnist": 28, "imagefolder": 224}.get(dataset, 32)
 
 

@@ -57,7 +57,7 @@ def main():
     args = parse_args()
     if args.dataset not in data.DATASETS:
         raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
-    args.img_size = args.img_size or data.default_img_size(args.dataset)
+    args.img_size = args.img_size or data.default_img_size(args.dataset, args.data_path)
     args.patch_size = args.patch_size or (4 if args.img_size <= 64 else 16)
     try:
         cfg = model_config(args.model, args.img_size, args.patch_size, data.num_channels(args.dataset))

@@ -301,3 +301,13 @@ def test_helpers_and_view_validation():
     assert [data.num_channels(d) for d in data.DATASETS] == [3, 3, 1, 3, 3]
     with pytest.raises(data.DataError, match="views"):
         data.ViewLoader(_toy_set(8), 4, "simclr", 2, 8, "cpu")
+
+
+@needs_cifar5k
+def test_small_image_folder_keeps_its_size_by_default(tmp_path):
+    assert data.default_img_size("imagefolder", str(CIFAR5K)) == 32  # 32-px PNGs: not blown up to 224
+    big = tmp_path / "train" / "a"
+    big.mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (300, 200)).save(big / "0.png")
+    assert data.default_img_size("imagefolder", str(tmp_path)) == 224
