@@ -1,0 +1,16 @@
+"""bench.py runs in its CI-sized CPU form and prints a row per stage with finite, positive throughput."""
+import json
+
+from tests.conftest import run_script
+
+
+def test_bench_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_script("bench.py", "--device", "cpu", "--stages", "mae,head,ct,features", "--queue_size", "256",
+                   "--steps", "1", "--runs", "1", "--warmup", "1", "--json", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["name"].split(" (")[0] for row in rows] == ["mae", "head init", "contrastive tuning", "feature extraction"]
+    assert all(row["img_s"] > 0 and row["step_ms"] > 0 for row in rows)
+    assert 0 < rows[0]["mfu"] < 2  # FLOPs were counted for the MAE step
+    assert "| mae (ours) |" in r.stdout
