@@ -285,7 +285,7 @@ if args.baseline:
 if args.end_to_end:
     bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step)", e2e_step, False)
 
-proc.print(f"\n| stage | model | img | batch | img/s | step ms | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|")
+proc.print("\n| stage | model | img | batch | img/s | step ms | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|")
 for r in rows:
     proc.print(f"| {r['name']} | {r['model']} | {r['img']} | {r['batch']} | {r['img_s']:,.0f} | {r['step_ms']} | "
                f"{r['mfu'] if r['mfu'] is not None else '-'} | {r['peak_gib'] if r['peak_gib'] is not None else '-'} |")

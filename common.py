@@ -2,7 +2,6 @@
 
 Kept small on purpose: a stage script should still read top to bottom without jumping here often.
 """
-import argparse
 import contextlib
 import json
 import math

@@ -19,7 +19,6 @@ Kill it at any time and rerun with --resume: the run continues as if never inter
 """
 import argparse
 import os
-import time
 
 import torch
 from torchvision.utils import save_image

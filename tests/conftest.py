@@ -50,6 +50,20 @@ def needs_torchrun():
         pytest.skip("torchrun is not on PATH")
 
 
+
+def run_in_process(monkeypatch, capsys, script, *args):
+    """Run a stage script as `python script args` would, but in this process (no 5-second torch import per
+    case): returns (exit code, stdout, stderr)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    code = 0
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes with torchrun (gloo, CPU)")
     config.addinivalue_line("markers", "slow: runs a stage script for a few seconds or more")

@@ -22,7 +22,7 @@ from PIL import Image
 
 import common
 import data
-from conftest import REPO, _env, run_script, run_torchrun
+from conftest import REPO, _env, run_in_process, run_script, run_torchrun
 from model import MAECT, MaskedAutoencoder, init_weights, model_config
 
 SMALL = ["--model", "vit_nano", "--device", "cpu"]
@@ -73,17 +73,6 @@ def shim(tmp_path, code):
     (d / "sitecustomize.py").write_text(code)
     return {"PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])}
 
-
-def run_in_process(monkeypatch, capsys, script, *args):
-    """`python script args` in this process (no torch import per case): (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    code = 0
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_error_line(code, err, text):

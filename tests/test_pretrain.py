@@ -4,13 +4,11 @@ CPU, vit_nano, a few steps each (about a minute in all)."""
 
 import json
 import math
-import runpy
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, run_script, run_torchrun
+from conftest import run_in_process, run_script, run_torchrun
 from model import MaskedAutoencoder, model_config
 
 SMALL = ["--model", "vit_nano", "--device", "cpu"]
@@ -87,18 +85,6 @@ def test_loss_falls(tmp_path):
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first, losses
 
-
-def run_in_process(monkeypatch, capsys, script, *args):
-    """Run a stage script as `python script args` would, but in this process (no 5-second torch import per
-    case): returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    code = 0
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("args,text", [
