@@ -40,7 +40,7 @@ def parse_args(argv=None):
     g.add_argument("--num_views", type=int, default=1, help="views per image per step (the MAE-CT authors use 2; lr counts views)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on matrices (none on biases, norms, tokens)")
     g.add_argument("--no_norm_pix_loss", action="store_true", help="regress raw pixels instead of per-patch normalised ones")
-    g.add_argument("--pictures", type=int, default=1, help="save a reconstruction grid of val images every N epochs (0: never)")
+    g.add_argument("--pictures", type=int, default=10, help="save a reconstruction grid of val images every N epochs and at the end (0: never)")
     g = p.add_argument_group("joint MAE + NNCLR (an ablation; 0 = plain MAE)")
     g.add_argument("--nnclr_weight", type=float, default=0.0, help="lambda: train MAE + lambda * NNCLR from the start on two views per image (MAE-CT's ablation; the paper's recipe is MAE, then init_head.py, then contrastive_tune.py). 0: plain MAE, no NNCLR part is built")
     g.add_argument("--queue_size", type=int, default=None, help="NNCLR queue length, a multiple of the global batch (default: min(65536, train size) rounded down to one)")
