@@ -64,6 +64,17 @@ def run_in_process(monkeypatch, capsys, script, *args):
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
+
+def ok(r):
+    """Assert a CompletedProcess succeeded, showing the end of its output when it did not."""
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    return r
+
+
+def load_ckpt(path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes with torchrun (gloo, CPU)")
     config.addinivalue_line("markers", "slow: runs a stage script for a few seconds or more")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, load_ckpt, ok, run_script
 from model import JointMAE, MaskedAutoencoder, model_config
 
 SYNTH = ["--dataset", "synthetic", "--model", "vit_nano", "--device", "cpu", "--batch_size", "32", "--pictures", "0",
@@ -19,13 +19,6 @@ HEAD = ["--proj_hidden", "32", "--proj_dim", "16", "--pred_hidden", "32", "--que
 PLAIN_KEYS = {"stage", "config", "model", "optimizer", "step", "epoch", "seed", "args"}
 
 
-def _ok(r):
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
-    return r
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _log(path):
@@ -74,8 +67,8 @@ def test_joint_model_shapes_and_gradients():
 @pytest.mark.slow
 def test_nnclr_weight_zero_is_plain_mae_bit_for_bit(tmp_path, monkeypatch):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", a))
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--nnclr_weight", "0", *HEAD, "--out_dir", b))
+    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", a))
+    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--nnclr_weight", "0", *HEAD, "--out_dir", b))
     # c: in this process, with every piece of the NNCLR code made to fail if it is built or called
     import init_head
     import model
@@ -94,7 +87,7 @@ def test_nnclr_weight_zero_is_plain_mae_bit_for_bit(tmp_path, monkeypatch):
         runpy.run_path(str(REPO / "pretrain_mae.py"), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
-    ca, cb, cc = (_load(p / "ckpt.pt") for p in (a, b, c))
+    ca, cb, cc = (load_ckpt(p / "ckpt.pt") for p in (a, b, c))
     for ck in (ca, cb, cc):
         assert set(ck) == PLAIN_KEYS and ck["stage"] == "mae" and ck["args"]["num_views"] == 1
         assert set(ck["model"]) == set(MaskedAutoencoder(**ck["config"]).state_dict())
@@ -118,8 +111,8 @@ def test_nnclr_weight_zero_equals_the_code_before_the_flag(tmp_path):
     r = run_script(script, *SYNTH, "--max_steps", "3", "--out_dir", tmp_path / "old", env=env)
     if r.returncode != 0:
         pytest.skip(f"the old script no longer runs against today's modules: {r.stderr.strip().splitlines()[-1:]}")
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", tmp_path / "new"))
-    old_ck, new_ck = _load(tmp_path / "old" / "ckpt.pt"), _load(tmp_path / "new" / "ckpt.pt")
+    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", tmp_path / "new"))
+    old_ck, new_ck = load_ckpt(tmp_path / "old" / "ckpt.pt"), load_ckpt(tmp_path / "new" / "ckpt.pt")
     assert set(old_ck) == set(new_ck)
     _same_training(old_ck, new_ck)
 
@@ -127,21 +120,21 @@ def test_nnclr_weight_zero_equals_the_code_before_the_flag(tmp_path):
 @pytest.mark.slow
 def test_joint_run_logs_both_losses_resumes_and_feeds_init_head(tmp_path):
     j = tmp_path / "joint"
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--out_dir", j))
+    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--out_dir", j))
     recs = [r for r in _log(j / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:  # the total is the weighted sum of the two parts that are logged
         assert abs(r["loss"] - (r["mae_loss"] + 0.5 * r["nnclr_loss"])) < 1e-4 and 0 <= r["nn_acc"] <= 1
-    ck = _load(j / "ckpt.pt")
+    ck = load_ckpt(j / "ckpt.pt")
     assert set(ck) == PLAIN_KEYS | {"nnclr_head"} and ck["stage"] == "mae" and ck["args"]["num_views"] == 2
     assert set(ck["model"]) == set(MaskedAutoencoder(**ck["config"]).state_dict())  # a plain MAE for stage 2
     assert ck["nnclr_head"]["queue.embeddings"].shape == (64, 16) and int(ck["nnclr_head"]["queue.ptr"]) == 0
     assert (ck["nnclr_head"]["queue.indices"] >= 0).all()  # 4 steps x 32 images filled the 64 slots twice
     # resume: 2 + 2 steps equal 4 steps, the head and queue included
     r2 = tmp_path / "resumed"
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--nnclr_weight", "0.5", *HEAD, "--out_dir", r2))
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--resume", "--out_dir", r2))
-    ck2 = _load(r2 / "ckpt.pt")
+    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--nnclr_weight", "0.5", *HEAD, "--out_dir", r2))
+    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--resume", "--out_dir", r2))
+    ck2 = load_ckpt(r2 / "ckpt.pt")
     _same_training(ck, ck2)
     for k in ck["nnclr_head"]:
         assert torch.equal(ck["nnclr_head"][k], ck2["nnclr_head"][k]), k
@@ -149,19 +142,19 @@ def test_joint_run_logs_both_losses_resumes_and_feeds_init_head(tmp_path):
     bad = run_script("pretrain_mae.py", *SYNTH, "--max_steps", "5", "--resume", "--out_dir", r2)
     assert bad.returncode != 0 and "nnclr_weight" in bad.stderr and "Traceback" not in bad.stderr
     # the joint checkpoint starts stage 2 like any stage-1 checkpoint (strict encoder loading)
-    _ok(run_script("init_head.py", "--init_from", j / "ckpt.pt", "--dataset", "synthetic", "--device", "cpu",
+    ok(run_script("init_head.py", "--init_from", j / "ckpt.pt", "--dataset", "synthetic", "--device", "cpu",
                    "--batch_size", "32", "--max_steps", "2", *HEAD, "--out_dir", tmp_path / "head"))
-    assert _load(tmp_path / "head" / "ckpt.pt")["stage"] == "head"
+    assert load_ckpt(tmp_path / "head" / "ckpt.pt")["stage"] == "head"
 
 
 @pytest.mark.slow
 def test_evaluate_projector_and_predictor_features(tmp_path):
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path / "mae"))
-    _ok(run_script("init_head.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--dataset", "synthetic", "--device",
+    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path / "mae"))
+    ok(run_script("init_head.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--dataset", "synthetic", "--device",
                    "cpu", "--batch_size", "32", "--max_steps", "3", *HEAD, "--out_dir", tmp_path / "head"))
     for feats, dim in [("encoder", 64), ("projector", 16), ("predictor", 16)]:
         out = tmp_path / f"eval_{feats}"
-        _ok(run_script("evaluate.py", "--init_from", tmp_path / "head" / "ckpt.pt", "--device", "cpu", "--metrics",
+        ok(run_script("evaluate.py", "--init_from", tmp_path / "head" / "ckpt.pt", "--device", "cpu", "--metrics",
                        "knn", "--features", feats, "--out_dir", out))
         res = json.loads((out / "results.json").read_text())
         assert res["features"] == feats and res["feature_dim"] == dim and res["stage"] == "head"
@@ -179,10 +172,10 @@ def test_ablations_sh_smoke_end_to_end(tmp_path):
            "METRICS": "knn"}
     r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
                        text=True, timeout=600, env=env)
-    _ok(r)
+    ok(r)
     table = (run / "ablations.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3."):
         assert heading in table
     assert "| projector | 128 |" in table and "| top-1, crop+flip |" in table and "| joint, lambda = 1 |" in table
     assert (run / "abl" / "ct_k5").resolve() == (run / "ct").resolve()  # reproduce.sh's stage 3 is reused
-    assert _load(run / "abl" / "joint_l1" / "ckpt.pt")["args"]["nnclr_weight"] == 1.0
+    assert load_ckpt(run / "abl" / "joint_l1" / "ckpt.pt")["args"]["nnclr_weight"] == 1.0

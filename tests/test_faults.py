@@ -7,12 +7,14 @@ the test, and crafted files. CPU, vit_nano, a few steps per run; about a minute 
 """
 import hashlib
 import os
+import pickle
 import random
 import runpy
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from PIL import Image
 
 import common
 import data
-from conftest import REPO, _env, run_in_process, run_script, run_torchrun
+from conftest import REPO, _env, load_ckpt, ok, run_in_process, run_script, run_torchrun
 from model import MAECT, MaskedAutoencoder, init_weights, model_config
 
 SMALL = ["--model", "vit_nano", "--device", "cpu"]
@@ -32,13 +34,6 @@ HEAD_ARGS = ["--proj_hidden", "32", "--proj_dim", "16", "--pred_hidden", "32"]
 
 
 # ---------------------------------------------------------------- helpers
-def _ok(r):
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
-    return r
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _losses(out):
@@ -124,14 +119,14 @@ def test_sigkill_during_checkpoint_write_then_resume_equals_uninterrupted(tmp_pa
     # what a kill during the write leaves: a half-written temp file, and the previous checkpoint untouched
     assert (b / "ckpt.pt.tmp").exists()
     with pytest.raises(Exception):
-        _load(b / "ckpt.pt.tmp")
-    assert _load(b / "ckpt.pt")["step"] == k - 1, f"killed during save {k}"
-    r = _ok(run_script("pretrain_mae.py", *flags, "--resume", "--out_dir", b))
+        load_ckpt(b / "ckpt.pt.tmp")
+    assert load_ckpt(b / "ckpt.pt")["step"] == k - 1, f"killed during save {k}"
+    r = ok(run_script("pretrain_mae.py", *flags, "--resume", "--out_dir", b))
     assert f"resumed from {b / 'ckpt.pt'} at step {k - 1}" in r.stdout
     assert not (b / "ckpt.pt.tmp").exists()  # the leftover was overwritten and renamed
     _, err = ref.communicate(timeout=120)
     assert ref.returncode == 0, err[-2000:]
-    assert_same_state(_load(a / "ckpt.pt"), _load(b / "ckpt.pt"))
+    assert_same_state(load_ckpt(a / "ckpt.pt"), load_ckpt(b / "ckpt.pt"))
     la, lb = _losses(a), _losses(b)
     assert [la[s] for s in range(k, n + 1)] == [lb[s] for s in range(k, n + 1)], f"killed during save {k}"
 
@@ -182,7 +177,7 @@ def test_torchrun_restart_after_a_rank_crash_resumes_by_itself(needs_torchrun, m
     assert "resumed from" in r.stdout and "at step 2" in r.stdout, r.stdout[-2000:]
     _, err = ref.communicate(timeout=120)
     assert ref.returncode == 0, err[-2000:]
-    ca, cb = _load(a / "ckpt.pt"), _load(b / "ckpt.pt")
+    ca, cb = load_ckpt(a / "ckpt.pt"), load_ckpt(b / "ckpt.pt")
     assert ca["step"] == 4 and ca["seed"] == 5 and ca["args"]["seed"] == 5
     assert_same_state(ca, cb)  # weights, the queue (a buffer), optimizer: as if never interrupted
     assert (cb["model"]["queue.indices"] >= 0).sum() == 4 * 64
@@ -222,14 +217,14 @@ def files(mae_ckpt, tmp_path_factory):
     common.save_checkpoint(str(d / "head.pt"), stage="head", config=cfg, model=head.state_dict(), step=0, seed=0,
                            args=dict(dataset="synthetic", pooling="mean", queue_size=64, **HEAD))
     marker = d / "pwned"
-    mae = _load(mae_ckpt)
+    mae = load_ckpt(mae_ckpt)
     torch.save({"stage": "mae", "config": cfg, "model": {"x": RunsCode(str(marker))}}, d / "pickle.pt")
     (d / "truncated.pt").write_bytes(mae_ckpt.read_bytes()[: mae_ckpt.stat().st_size // 2])
     (d / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     (d / "text.pt").write_text("this is not a checkpoint\n")
     torch.save([torch.zeros(3), 1, "two"], d / "list.pt")
     for name, src, key in (("mae_shapes.pt", mae, "blocks.0.attn.qkv.weight"),
-                           ("head_shapes.pt", _load(d / "head.pt"), "encoder.blocks.3.mlp.fc1.weight")):
+                           ("head_shapes.pt", load_ckpt(d / "head.pt"), "encoder.blocks.3.mlp.fc1.weight")):
         src["model"][key] = torch.zeros(3, 3)
         torch.save(src, d / name)
     return dict(mae=mae_ckpt, head=d / "head.pt", marker=marker, dir=d)
@@ -239,7 +234,8 @@ def test_crafted_pickle_really_runs_code_when_loaded_unsafely(files, tmp_path):
     """Control for the cases below: the crafted file is dangerous, so refusing it proves something."""
     marker = tmp_path / "control"
     torch.save({"model": {"x": RunsCode(str(marker))}}, tmp_path / "evil.pt")
-    torch.load(tmp_path / "evil.pt", weights_only=False)
+    with zipfile.ZipFile(tmp_path / "evil.pt") as z:  # what an unsafe load does: plain unpickling of data.pkl
+        pickle.loads(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))))
     assert marker.read_text() == "code ran"
 
 
@@ -312,7 +308,7 @@ def test_imagefolder_mixed_modes_converted_unreadable_skipped(monkeypatch, capsy
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image"):
         code, stdout, err = pretrain_folder(monkeypatch, capsys, root, tmp_path / "run")
     assert code == 0, err[-2000:]
-    assert _load(tmp_path / "run" / "ckpt.pt")["step"] == 1
+    assert load_ckpt(tmp_path / "run" / "ckpt.pt")["step"] == 1
     with pytest.warns(UserWarning):
         train = data.load_split("imagefolder", str(root), "train", 32)
     assert train.images.shape == (8, 3, 32, 32)  # grey, RGBA and palette became RGB; the 2 bad files are out
@@ -364,7 +360,7 @@ def two_steps(tmp_path_factory):
         runpy.run_path(str(REPO / "pretrain_mae.py"), run_name="__main__")
     finally:
         mp.undo()
-    assert _load(out / "ckpt.pt")["step"] == 2
+    assert load_ckpt(out / "ckpt.pt")["step"] == 2
     return out
 
 
@@ -379,7 +375,7 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(monkeypatch, capsys, two
     assert_one_error_line(code, err, text)
     assert "the last good checkpoint is" in err
     assert _sha(two_steps / "ckpt.pt") == before  # untouched: still the step-2 checkpoint
-    ck = _load(two_steps / "ckpt.pt")
+    ck = load_ckpt(two_steps / "ckpt.pt")
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
@@ -399,7 +395,7 @@ def curves(tmp_path_factory):
             runpy.run_path(str(REPO / "pretrain_mae.py"), run_name="__main__")
         finally:
             mp.undo()
-        res[name] = (_losses(out), _load(out / "ckpt.pt"))
+        res[name] = (_losses(out), load_ckpt(out / "ckpt.pt"))
     return res
 
 
