@@ -51,7 +51,7 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir):
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
     g.add_argument("--batch_size", type=int, default=batch_size, help="GLOBAL batch in images, split over all processes")
     g.add_argument("--blr", type=float, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
-    g.add_argument("--warmup_epochs", type=float, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac:.0%} of --epochs, as the paper)")
+    g.add_argument("--warmup_epochs", type=float, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac * 100:.0f}%% of --epochs, as the paper)")
     p.set_defaults(warmup_frac=warmup_frac)
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs); the schedule still spans --epochs")
     g = p.add_argument_group("run")

@@ -440,3 +440,12 @@ def test_ranks_get_different_data_and_augmentation():
     j2, w2 = batch(0, 0, shard=0)
     assert torch.equal(j0, j2) and all(torch.equal(x, y) for x, y in zip(w0, w2))
     assert not torch.equal(batch(0, 1, shard=0)[1][0], w0[0])  # a new step draws new crops
+
+
+@pytest.mark.parametrize("script", ["pretrain_mae.py", "init_head.py", "contrastive_tune.py", "evaluate.py", "bench.py"])
+def test_help_explains_and_exits_zero(monkeypatch, capsys, script):
+    # argparse %-formats every help string: a bare "20%" in one crashed --help of three stages once.
+    code, out, err = run_in_process(monkeypatch, capsys, script, "--help")
+    assert code == 0, err[-2000:]
+    assert out.startswith(f"usage: {script}") and "--device" in out, out[:500]
+    assert len(out.splitlines()) > 20, out  # a description and examples, not only the flag list
