@@ -35,7 +35,7 @@ cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"
 
-bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/eval_mae, RUN/eval_ct
+AUG=1 bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/ct_aug, RUN/eval_*
 
 run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the wall seconds); resume if begun
   local dir=$1 script=$2; shift 2
@@ -65,9 +65,8 @@ for k in $TOPKS; do
   run "$A/ct_k$k" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$k" --epochs "$E3" --warmup_epochs $warm $cap "$@"
   evaluate "$A/eval_ct_k$k" "$A/ct_k$k/ckpt.pt" "$@"
 done
-run "$A/ct_aug" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$topk" --views aug --head_blr 5e-4 \
-    --epochs "$E3" --warmup_epochs $warm $cap "$@"
-evaluate "$A/eval_ct_aug" "$A/ct_aug/ckpt.pt" "$@"
+# reproduce.sh's MAE-CT_aug stage is this arm (same head, top-k, epochs and flags)
+ln -sfn ../ct_aug "$A/ct_aug"; ln -sfn ../eval_ct_aug "$A/eval_ct_aug"
 
 # ---- 3: joint MAE + lambda * NNCLR from scratch, the budget of the whole sequential recipe ----
 EJ=$((E1 + E2 + E3))
@@ -97,7 +96,7 @@ for f in ("encoder", "projector", "predictor"):
 out += ["", f"## 2. Contrastive tuning from the same head, {E3} epochs each: top-k lookup vs hand-made augmentation", "",
         "| arm | k-NN@10 | k-NN@20 | linear | final NNCLR loss | final nn_acc | train s |", "|---|---|---|---|---|---|---|"]
 arms = [(f"top-{k}, crop+flip" + (" (reproduce.sh stage 3)" if k == topk else ""), f"ct_k{k}") for k in topks]
-arms.append((f"top-{topk}, --views aug (BYOL colour), head_blr 5e-4", "ct_aug"))
+arms.append((f"top-{topk}, --views aug (BYOL colour), head_blr 5e-4 (reproduce.sh MAE-CT_aug)", "ct_aug"))
 for label, d in arms:
     r, last = res(f"{A}/eval_{d}"), log(f"{A}/{d}")[-1]
     out.append(f"| {label} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} | "

@@ -8,9 +8,12 @@
 #   bash reproduce.sh cifar10 --data_path data/    # ViT-T/4 on 32 px; cifar100 likewise
 #   bash reproduce.sh imagenet100 --data_path /data/imagenet100   # ViT-B/16, 224 px, all visible GPUs
 #
-# Extra flags go to every stage (e.g. --device cpu, --data_path). Environment: SEED (default 0), RUN (run
-# folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3), STEPS (cap every stage at this many
-# steps, for tests), EVAL (extra flags for evaluate.py). All visible GPUs are used through torchrun.
+# Stage 3 runs twice from the same stage-2 head: MAE-CT (crop + flip only, the paper's method) and MAE-CT_aug
+# (plus the BYOL colour pipeline, head lr 5e-4: the paper's variant, which matters most for small models); the
+# table has one row each. Extra flags go to every stage (e.g. --device cpu, --data_path). Environment: SEED
+# (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3), STEPS (cap every
+# stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug). All
+# visible GPUs are used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -64,20 +67,24 @@ evaluate eval_mae "$RUN/mae/ckpt.pt"
 stage head init_head.py --init_from "$RUN/mae/ckpt.pt" $head --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
 stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
 evaluate eval_ct "$RUN/ct/ckpt.pt"
+if [ "${AUG:-1}" != 0 ]; then
+  stage ct_aug contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct --views aug --head_blr 5e-4 --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
+  evaluate eval_ct_aug "$RUN/ct_aug/ckpt.pt"
+fi
 
 python - "$RUN" <<'EOF'
-import json, sys
+import json, os, sys
 run = sys.argv[1]
-mae, ct = (json.load(open(f"{run}/{d}/results.json")) for d in ("eval_mae", "eval_ct"))
+rows = [(name, d) for name, d in [("MAE", "eval_mae"), ("MAE-CT", "eval_ct"), ("MAE-CT_aug", "eval_ct_aug")]
+        if os.path.exists(f"{run}/{d}/results.json")]
+res = {d: json.load(open(f"{run}/{d}/results.json")) for _, d in rows}
 keys = [("knn10", "k-NN@10"), ("knn20", "k-NN@20"), ("linear", "linear"), ("kmeans_acc_mean", "k-means ACC"),
         ("nmi", "NMI"), ("ari", "ARI")]
 fmt = lambda v: "-" if v is None else f"{v:.1f}"
-secs = {s: open(f"{run}/{s}/DONE").read().strip() for s in ("mae", "head", "ct")}
-lines = [f"{run}: pooling {mae.get('pooling')} (MAE) / {ct.get('pooling')} (MAE-CT); stage seconds " +
-         ", ".join(f"{k} {v}" for k, v in secs.items()), "",
-         "| | " + " | ".join(n for _, n in keys) + " |", "|---" * (len(keys) + 1) + "|",
-         "| MAE | " + " | ".join(fmt(mae.get(k)) for k, _ in keys) + " |",
-         "| MAE-CT | " + " | ".join(fmt(ct.get(k)) for k, _ in keys) + " |"]
+secs = {s: open(f"{run}/{s}/DONE").read().strip() for s in ("mae", "head", "ct", "ct_aug") if os.path.exists(f"{run}/{s}/DONE")}
+lines = [f"{run}: pooling {res['eval_mae'].get('pooling')}; stage seconds " + ", ".join(f"{k} {v}" for k, v in secs.items()),
+         "", "| | " + " | ".join(n for _, n in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+lines += ["| " + name + " | " + " | ".join(fmt(res[d].get(k)) for k, _ in keys) + " |" for name, d in rows]
 open(f"{run}/table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

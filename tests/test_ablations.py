@@ -178,4 +178,6 @@ def test_ablations_sh_smoke_end_to_end(tmp_path):
         assert heading in table
     assert "| projector | 128 |" in table and "| top-1, crop+flip |" in table and "| joint, lambda = 1 |" in table
     assert (run / "abl" / "ct_k5").resolve() == (run / "ct").resolve()  # reproduce.sh's stage 3 is reused
+    assert (run / "abl" / "ct_aug").resolve() == (run / "ct_aug").resolve()  # and its MAE-CT_aug
+    assert "(reproduce.sh MAE-CT_aug) |" in table
     assert load_ckpt(run / "abl" / "joint_l1" / "ckpt.pt")["args"]["nnclr_weight"] == 1.0

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_ckpt
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -17,18 +17,23 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     cmd = ["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for stage in ("mae", "head", "ct"):
+    for stage in ("mae", "head", "ct", "ct_aug"):
         assert (run / stage / "ckpt.pt").exists() and (run / stage / "DONE").exists()
     table = (run / "table.md").read_text()
-    assert "| MAE |" in table and "| MAE-CT |" in table
-    for d in ("eval_mae", "eval_ct"):
+    assert "| MAE |" in table and "| MAE-CT |" in table and "| MAE-CT_aug |" in table
+    # both stage-3 variants start from the one stage-2 head; only the views (and the head's lr) differ
+    a, b = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("ct", "ct_aug"))
+    assert a["init_from"] == b["init_from"] == str(run / "head" / "ckpt.pt")
+    assert (a["views"], b["views"], a["head_blr"], b["head_blr"]) == ("minimal", "aug", 1e-4, 5e-4)
+    assert {k for k in a if a[k] != b[k]} == {"views", "head_blr", "out_dir"}
+    for d in ("eval_mae", "eval_ct", "eval_ct_aug"):
         res = json.loads((run / d / "results.json").read_text())
         assert 0 <= res["knn10"] <= 100 and res["kmeans_acc_mean"] is not None
     # a rerun continues rather than starting over: every stage and evaluation is skipped
     r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0, r2.stderr[-2000:]
-    assert r2.stdout.count("skipped") == 5 and "pretrain_mae.py ->" not in r2.stdout
-    assert "| MAE-CT |" in r2.stdout
+    assert r2.stdout.count("skipped") == 7 and "pretrain_mae.py ->" not in r2.stdout
+    assert "| MAE-CT |" in r2.stdout and "| MAE-CT_aug |" in r2.stdout
 
 
 def test_reproduce_rejects_unknown_recipe():
