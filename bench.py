@@ -36,6 +36,8 @@ p.add_argument("--steps", type=int, default=10, help="steps per timed run")
 p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
 p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
 p.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default: on for CUDA)")
+p.add_argument("--compile_mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+               help="torch.compile mode of our MAE step and the end-to-end run (reduce-overhead = CUDA graphs)")
 p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
 p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length for the head/ct stages")
 p.add_argument("--baseline", action="store_true", help="also time an MAE from timm blocks with the official recipe (needs timm)")
@@ -206,7 +208,7 @@ def e2e_step():
     cfg_e = model_config(args.model, args.img_size, args.patch_size, train.channels)
     model = init_weights(MaskedAutoencoder(**cfg_e)).to(dev)
     opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), (0.9, 0.95), dev)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
     loader = data.ViewLoader(train, B, "mae", 1, args.img_size, dev, num_workers=8)
     state = dict(it=iter(loader), epoch=0)
 
@@ -263,8 +265,8 @@ if "mae" in stages:
     def ours():
         model = build_mae()
         opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), (0.9, 0.95), dev)
-        return mae_step(torch.compile(model) if args.compile else model, opt, proc.autocast)
-    bench("mae (ours)", ours, eager_mae)
+        return mae_step(torch.compile(model, mode=args.compile_mode) if args.compile else model, opt, proc.autocast)
+    bench("mae (ours)" + (f", {args.compile_mode}" if args.compile and args.compile_mode else ""), ours, eager_mae)
 if "head" in stages:
     bench("head init (ours)", lambda: nnclr_step("head"), False)
 if "ct" in stages:
