@@ -11,7 +11,7 @@
 # is skipped, so an existing RUN is reused). Every arm of one comparison gets the same budget: each tuning arm E3
 # epochs from the same stage-2 head; each joint arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
 # Environment as reproduce.sh: SEED, RUN (default runs/abl_NAME_sSEED), E1/E2/E3, STEPS (cap every run at this many
-# steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "1"), METRICS (evaluate.py metrics,
+# steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "1"; empty: no joint arm), METRICS (evaluate.py metrics,
 # default knn,linear). Extra flags go to every training and evaluation run. Tables: RUN/ablations.md.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,7 +30,7 @@ case $name in
 esac
 export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
 export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
-TOPKS=${TOPKS:-1 5 10 20 50}; LAMBDAS=${LAMBDAS:-1}; METRICS=${METRICS:-knn,linear}
+TOPKS=${TOPKS-1 5 10 20 50}; LAMBDAS=${LAMBDAS-1}; METRICS=${METRICS:-knn,linear}
 cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"
