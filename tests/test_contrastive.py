@@ -1,7 +1,5 @@
 """Stages 2 and 3: the queue lookup, the NNCLR loss, DDP equivalence, freezing, layer decay, EMA, resume, bad input."""
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 
 import common
 from model import MAECT, MaskedAutoencoder, NNQueue, init_weights, model_config, nnclr_loss
+from tests.conftest import run_torchrun
 from tests.nnclr_case import HEAD, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,15 +125,12 @@ def test_model_loss_is_symmetric_cross_view_with_queue_neighbours():
 
 
 @pytest.mark.parametrize("stage3", [False, True])
-def test_two_ranks_equal_one_process(tmp_path, stage3):
+def test_two_ranks_equal_one_process(needs_torchrun, tmp_path, stage3):
     """torchrun --nproc_per_node=2 (gloo): loss, gradients, BN statistics and the queue after one step equal a
     single process given the concatenated batch."""
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not on PATH")
     out = tmp_path / "ddp.pt"
-    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port", str(29500 + int(stage3) + os.getpid() % 500),
-                        str(ROOT / "tests" / "ddp_nnclr.py"), str(out), str(int(stage3))],
-                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    # --standalone picks a free rendezvous port (a fixed one collided once under load)
+    r = run_torchrun(ROOT / "tests" / "ddp_nnclr.py", out, int(stage3), timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     model, views, idx, kw = make_case(stage3)

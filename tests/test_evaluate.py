@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from tests.conftest import run_torchrun  # noqa: E402
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import model  # noqa: E402
@@ -219,13 +219,7 @@ def test_extract_features_two_processes(tmp_path):
     """Under torchrun (gloo), the gathered features come back in dataset order on every rank."""
     script = tmp_path / "ddp_extract.py"
     script.write_text(DDP_SCRIPT)
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(script), str(ROOT)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
-    if r.returncode != 0 and "Address already in use" in r.stderr:
-        pytest.skip("cannot start two gloo processes here (port taken)")
+    r = run_torchrun(script, ROOT, timeout=120)  # --standalone: a free rendezvous port
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ok") == 2
 
