@@ -75,6 +75,23 @@ def load_ckpt(path):
     import torch
     return torch.load(path, map_location="cpu", weights_only=True)
 
+
+def assert_same_state(ca, cb, parts=("model",)):
+    """Two checkpoints hold the same training state bit for bit: step, weights and buffers of each part (queue, BN
+    statistics), optimizer state and param groups."""
+    import torch
+    assert ca["step"] == cb["step"]
+    for part in parts:
+        assert ca[part].keys() == cb[part].keys(), part
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for n in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][n]), torch.as_tensor(sb[i][n])), (i, n)
+    assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes with torchrun (gloo, CPU)")
     config.addinivalue_line("markers", "slow: runs a stage script for a few seconds or more")

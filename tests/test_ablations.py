@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, load_ckpt, ok, run_script
+from conftest import REPO, assert_same_state, load_ckpt, ok, run_script
 from model import JointMAE, MaskedAutoencoder, model_config
 
 SYNTH = ["--dataset", "synthetic", "--model", "vit_nano", "--device", "cpu", "--batch_size", "32", "--pictures", "0",
@@ -19,23 +19,8 @@ HEAD = ["--proj_hidden", "32", "--proj_dim", "16", "--pred_hidden", "32", "--que
 PLAIN_KEYS = {"stage", "config", "model", "optimizer", "step", "epoch", "seed", "args"}
 
 
-
-
 def _log(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _same_training(a, b):
-    """Model weights and optimiser state bit for bit."""
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
 def test_joint_model_shapes_and_gradients():
@@ -91,8 +76,8 @@ def test_nnclr_weight_zero_is_plain_mae_bit_for_bit(tmp_path, monkeypatch):
     for ck in (ca, cb, cc):
         assert set(ck) == PLAIN_KEYS and ck["stage"] == "mae" and ck["args"]["num_views"] == 1
         assert set(ck["model"]) == set(MaskedAutoencoder(**ck["config"]).state_dict())
-    _same_training(ca, cb)
-    _same_training(ca, cc)
+    assert_same_state(ca, cb)
+    assert_same_state(ca, cc)
     assert [r["loss"] for r in _log(a / "log.jsonl")] == [r["loss"] for r in _log(c / "log.jsonl")]
     assert all(set(r) == {"step", "epoch", "loss", "lr", "img_per_s", "mem_gib"} for r in _log(b / "log.jsonl"))
 
@@ -114,7 +99,7 @@ def test_nnclr_weight_zero_equals_the_code_before_the_flag(tmp_path):
     ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", tmp_path / "new"))
     old_ck, new_ck = load_ckpt(tmp_path / "old" / "ckpt.pt"), load_ckpt(tmp_path / "new" / "ckpt.pt")
     assert set(old_ck) == set(new_ck)
-    _same_training(old_ck, new_ck)
+    assert_same_state(old_ck, new_ck)
 
 
 @pytest.mark.slow
@@ -135,7 +120,7 @@ def test_joint_run_logs_both_losses_resumes_and_feeds_init_head(tmp_path):
     ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--nnclr_weight", "0.5", *HEAD, "--out_dir", r2))
     ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--resume", "--out_dir", r2))
     ck2 = load_ckpt(r2 / "ckpt.pt")
-    _same_training(ck, ck2)
+    assert_same_state(ck, ck2)
     for k in ck["nnclr_head"]:
         assert torch.equal(ck["nnclr_head"][k], ck2["nnclr_head"][k]), k
     # resuming with the other setting is refused, not silently half-loaded

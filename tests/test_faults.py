@@ -24,7 +24,7 @@ from PIL import Image
 
 import common
 import data
-from conftest import REPO, _env, load_ckpt, ok, run_in_process, run_script, run_torchrun
+from conftest import REPO, _env, assert_same_state, load_ckpt, ok, run_in_process, run_script, run_torchrun
 from model import MAECT, MaskedAutoencoder, init_weights, model_config
 
 SMALL = ["--model", "vit_nano", "--device", "cpu"]
@@ -45,21 +45,6 @@ def _sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def assert_same_state(ca, cb, parts=("model",)):
-    """Bitwise equal weights, buffers (queue, BN statistics), optimizer state and step."""
-    assert ca["step"] == cb["step"]
-    for part in parts:
-        assert ca[part].keys() == cb[part].keys(), part
-        for k in ca[part]:
-            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
-    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for n in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][n]), torch.as_tensor(sb[i][n])), (i, n)
-    assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
-
-
 def shim(tmp_path, code):
     """Env for a child process whose interpreter runs `code` at start-up (sitecustomize on PYTHONPATH):
     the fault is injected from outside, no test hook lives in the production code."""
@@ -67,7 +52,6 @@ def shim(tmp_path, code):
     d.mkdir(exist_ok=True)
     (d / "sitecustomize.py").write_text(code)
     return {"PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])}
-
 
 
 def assert_one_error_line(code, err, text):
@@ -431,7 +415,7 @@ def test_ranks_get_different_data_and_augmentation():
         idx, views, _ = next(iter(loader))
         return idx, views
 
-    (i0, v0), (i1, v1) = batch(0, 0), batch(1, 0)
+    (i0, _), (i1, _) = batch(0, 0), batch(1, 0)
     assert not set(i0.tolist()) & set(i1.tolist())  # disjoint shards of one permutation
     # the same images seeded as rank 0 and as rank 1 get different crops: augmentation is per rank too
     (j0, w0), (j1, w1) = batch(0, 0, shard=0), batch(1, 0, shard=0)

@@ -6,9 +6,8 @@ import json
 import math
 
 import pytest
-import torch
 
-from conftest import run_in_process, run_script, run_torchrun
+from conftest import assert_same_state, load_ckpt, run_in_process, run_script, run_torchrun
 from model import MaskedAutoencoder, model_config
 
 SMALL = ["--model", "vit_nano", "--device", "cpu"]
@@ -18,10 +17,6 @@ SYNTH = ["--dataset", "synthetic", *SMALL, "--batch_size", "32", "--pictures", "
 def _ok(r):
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
     return r
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)  # the checkpoint holds no pickled objects
 
 
 def _log(path):
@@ -34,7 +29,7 @@ def test_cifar_run_writes_checkpoint_log_and_pictures(needs_cifar, tmp_path):
     r = _ok(run_script("pretrain_mae.py", "--dataset", "imagefolder", "--data_path", needs_cifar, "--img_size", "32",
                        *SMALL, "--max_steps", "5", "--batch_size", "64", "--log_every", "5", "--out_dir", out))
     assert "img/s" in r.stdout
-    ckpt = _load(out / "ckpt.pt")
+    ckpt = load_ckpt(out / "ckpt.pt")
     assert ckpt["stage"] == "mae" and ckpt["step"] == 5
     assert ckpt["config"] == model_config("vit_nano", 32, 4, 3)
     assert type(ckpt["args"]) is dict and ckpt["args"]["max_steps"] == 5 and ckpt["args"]["dataset"] == "imagefolder"
@@ -58,17 +53,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     _ok(run_script("pretrain_mae.py", *common, "--max_steps", "3", "--out_dir", b))
     r = _ok(run_script("pretrain_mae.py", *common, "--max_steps", "6", "--resume", "--out_dir", b))
     assert "resumed" in r.stdout
-    ca, cb = _load(a / "ckpt.pt"), _load(b / "ckpt.pt")
+    ca, cb = load_ckpt(a / "ckpt.pt"), load_ckpt(b / "ckpt.pt")
     assert ca["step"] == cb["step"] == 6
-    assert ca["model"].keys() == cb["model"].keys()
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
-    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
-    assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
+    assert_same_state(ca, cb)
     # the losses of steps 4-6 are the same too (log lines of the resumed run are appended)
     la = {r["step"]: r["loss"] for r in _log(a / "log.jsonl")}
     lb = {r["step"]: r["loss"] for r in _log(b / "log.jsonl")}
@@ -127,7 +114,7 @@ def test_ddp_two_processes_smoke(needs_torchrun, tmp_path):
     out = tmp_path / "run"
     r = run_torchrun("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--log_every", "1", "--out_dir", out, timeout=120)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    ckpt = _load(out / "ckpt.pt")
+    ckpt = load_ckpt(out / "ckpt.pt")
     assert ckpt["step"] == 3 and ckpt["stage"] == "mae"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert '"world": 2' in r.stdout
