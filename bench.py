@@ -123,12 +123,14 @@ def images():
 
 
 # ---------------------------------------------------------------- the steps, as the stage scripts take them
-def mae_step(model, opt, autocast, scaler=None, official_sync=False):
+def mae_step(model, opt, autocast, scaler=None, official_sync=False, official=False):
     x = images()
+    L = model.grid ** 2
 
     def step():
+        noise = None if official else torch.rand(B, L, device=dev)  # masks drawn eagerly, as pretrain_mae.py does
         with autocast():
-            loss, _, _ = model(x, mask_ratio=0.75)
+            loss, _, _ = model(x, mask_ratio=0.75, noise=noise)
         opt.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -220,8 +222,9 @@ def e2e_step():
             loader.set_epoch(state["epoch"])
             state["it"] = iter(loader)
             _, views, _ = next(state["it"])
+        noise = torch.rand(B, model.grid ** 2, device=dev)
         with proc.autocast():
-            loss, _, _ = fwd(views[0], mask_ratio=0.75)
+            loss, _, _ = fwd(views[0], mask_ratio=0.75, noise=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -278,9 +281,9 @@ if args.baseline:
         model = build_mae(blocks_from_timm=True)
         opt = torch.optim.AdamW(common.decay_groups(model.named_parameters(), 0.05), lr=1e-4, betas=(0.9, 0.95))
         if compiled:  # the same code with bf16 autocast and torch.compile
-            return mae_step(torch.compile(model), opt, proc.autocast)
+            return mae_step(torch.compile(model), opt, proc.autocast, official=True)
         fp16 = lambda: torch.autocast(dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
-        return mae_step(model, opt, fp16, torch.amp.GradScaler(dev.type, enabled=cuda), official_sync=True)
+        return mae_step(model, opt, fp16, torch.amp.GradScaler(dev.type, enabled=cuda), official_sync=True, official=True)
     bench("mae, official recipe (timm blocks, fp16, eager)", lambda: official(False), eager_mae)
     if args.compile:
         bench("mae, official code bf16 + compile", lambda: official(True), eager_mae)

@@ -169,7 +169,7 @@ def main():
             if step % save_every == 0 or step == last_step:
                 if proc.main:
                     extra = dict(encoder_ema=encoder_ema.state_dict()) if encoder_ema is not None else {}
-                    common.save_checkpoint(ckpt_path, stage="ct", config=cfg, model=raw.state_dict(),
+                    common.save_checkpoint(ckpt_path, background=True, stage="ct", config=cfg, model=raw.state_dict(),
                                            optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
                                            args=common.args_dict(args), **extra)
                 if proc.world > 1:
@@ -178,6 +178,7 @@ def main():
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
             log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling))  # monitoring only
+    common.finish_saves()
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 
 

@@ -151,7 +151,7 @@ def main():
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 if proc.main:
-                    common.save_checkpoint(ckpt_path, stage="head", config=cfg, model=raw.state_dict(),
+                    common.save_checkpoint(ckpt_path, background=True, stage="head", config=cfg, model=raw.state_dict(),
                                            optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
                                            args=common.args_dict(args))
                 if proc.world > 1:
@@ -160,6 +160,7 @@ def main():
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
             log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling))  # monitoring only
+    common.finish_saves()
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 
 

@@ -124,13 +124,15 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.frozen_blocks = 0  # see freeze()
 
-    def random_masking(self, x, mask_ratio):
+    def random_masking(self, x, mask_ratio, noise=None):
         """Keep a random subset of L*(1-mask_ratio) tokens per sample, chosen by argsort of uniform noise
         (MAE). Returns kept tokens (B, K, D), the binary mask (B, L) with 1 = removed, and ids_restore (B, L)
-        which puts a (kept + mask tokens) sequence back into patch order."""
+        which puts a (kept + mask tokens) sequence back into patch order. `noise` (B, L) may be drawn by the
+        caller: a compiled model replayed as a CUDA graph ignores torch.manual_seed, eager torch.rand does not."""
         B, L, D = x.shape
         len_keep = int(L * (1 - mask_ratio))
-        noise = torch.rand(B, L, device=x.device)
+        if noise is None:
+            noise = torch.rand(B, L, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the smallest noise values are kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]  # (B, K)
@@ -150,15 +152,16 @@ class VisionTransformer(nn.Module):
         self.cls_token.requires_grad_(False)
         return self
 
-    def forward_features(self, x, mask_ratio=0.0):
+    def forward_features(self, x, mask_ratio=0.0, noise=None):
         """(B, C, H, W) -> tokens after the final LayerNorm, (B, 1+K, D), CLS first. With mask_ratio > 0 only
-        K = L(1-mask_ratio) patch tokens remain and (mask, ids_restore) are returned too."""
+        K = L(1-mask_ratio) patch tokens remain (chosen by `noise`, see random_masking) and (mask, ids_restore)
+        are returned too."""
         n_frozen = self.frozen_blocks
         with torch.set_grad_enabled(torch.is_grad_enabled() and n_frozen == 0):
             x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
             mask = ids_restore = None
             if mask_ratio > 0:
-                x, mask, ids_restore = self.random_masking(x, mask_ratio)  # (B, K, D)
+                x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # (B, K, D)
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, 1+K, D)
             for blk in self.blocks[:n_frozen]:
@@ -226,8 +229,8 @@ class MaskedAutoencoder(VisionTransformer):
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L), in fp32
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs, mask_ratio=0.75):
-        latent, mask, ids_restore = self.forward_features(imgs, mask_ratio=mask_ratio)
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_features(imgs, mask_ratio=mask_ratio, noise=noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on matrices (none on biases, norms, tokens)")
     g.add_argument("--no_norm_pix_loss", action="store_true", help="regress raw pixels instead of per-patch normalised ones")
     g.add_argument("--pictures", type=int, default=10, help="save a reconstruction grid of val images every N epochs and at the end (0: never)")
+    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
+                   help="torch.compile mode; reduce-overhead replays the step as CUDA graphs: 1.7x the images/s of ViT-T on 28 px (BENCHMARKS.md), whose step is bound by the host. Plain MAE only")
     g = p.add_argument_group("joint MAE + NNCLR (an ablation; 0 = plain MAE)")
     g.add_argument("--nnclr_weight", type=float, default=0.0, help="lambda: train MAE + lambda * NNCLR from the start on two views per image (MAE-CT's ablation; the paper's recipe is MAE, then init_head.py, then contrastive_tune.py). 0: plain MAE, no NNCLR part is built")
     g.add_argument("--queue_size", type=int, default=None, help="NNCLR queue length, a multiple of the global batch (default: min(65536, train size) rounded down to one)")
@@ -69,6 +71,8 @@ def main():
         args.num_views = 2  # NNCLR needs two views of each image; the MAE loss then covers both
         if args.mask_ratio <= 0:
             raise common.UserError("--nnclr_weight > 0 pools the masked encoder tokens: --mask_ratio must be > 0")
+        if args.compile_mode != "default":
+            raise common.UserError("--compile_mode reduce-overhead is for the plain MAE (--nnclr_weight 0) only")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.isfile(ckpt_path):
         raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
@@ -122,7 +126,7 @@ def main():
     # ---- compile, DDP ----
     raw = model
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile_mode)  # CUDA graphs ignore manual_seed: masks come as input
     model = common.ddp(model, proc)
 
     # ---- loop ----
@@ -148,8 +152,9 @@ def main():
                 loss = mae_loss + args.nnclr_weight * nnclr_loss
             else:
                 imgs = torch.cat(views) if len(views) > 1 else views[0]  # (V*B, C, H, W)
+                noise = torch.rand(imgs.shape[0], mae.grid ** 2, device=imgs.device)  # the masks, drawn eagerly
                 with proc.autocast():
-                    loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
+                    loss, _, _ = model(imgs, mask_ratio=args.mask_ratio, noise=noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -171,6 +176,7 @@ def main():
             log.event(step, epoch=epoch, **evaluate.knn_eval(mae, train, val, proc, cfg["pooling"]))  # monitoring only
         if args.pictures and proc.main and ((epoch + 1) % args.pictures == 0 or step == last_step):
             save_reconstructions(mae, val, args, proc, os.path.join(args.out_dir, f"recon_ep{epoch:04d}.png"))
+    common.finish_saves()
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 
 
@@ -180,7 +186,7 @@ def save(proc, args, raw, opt, step, epoch, cfg, path):
     if proc.main:
         joint = args.nnclr_weight > 0
         extra = dict(nnclr_head={k: v for k, v in raw.state_dict().items() if not k.startswith("mae.")}) if joint else {}
-        common.save_checkpoint(path, stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
+        common.save_checkpoint(path, background=True, stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
                                optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
                                args=common.args_dict(args), **extra)
     if proc.world > 1:

@@ -13,6 +13,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -113,6 +114,39 @@ def test_sigkill_during_checkpoint_write_then_resume_equals_uninterrupted(tmp_pa
     assert_same_state(load_ckpt(a / "ckpt.pt"), load_ckpt(b / "ckpt.pt"))
     la, lb = _losses(a), _losses(b)
     assert [la[s] for s in range(k, n + 1)] == [lb[s] for s in range(k, n + 1)], f"killed during save {k}"
+
+
+def test_background_save_writes_the_state_of_its_step(monkeypatch, tmp_path):
+    """The training loops save in a thread (save_checkpoint(background=True)) so a step never waits for the disk:
+    the file must still hold the weights of the step it was asked for, although training changes them in place
+    while the thread writes."""
+    real_save, writing = torch.save, threading.Event()
+
+    def slow_save(obj, f, *a, **k):
+        writing.set()
+        time.sleep(0.3)
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", slow_save)
+    w, path = torch.zeros(4), tmp_path / "ckpt.pt"
+    common.save_checkpoint(str(path), background=True, stage="mae", model={"w": w}, step=1)
+    assert writing.wait(10)
+    w.add_(1.0)  # the next optimiser step, while the thread writes
+    ck = common.load_checkpoint(str(path))  # waits for the write
+    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.zeros(4))
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_failed_background_save_stops_with_one_line(monkeypatch, tmp_path):
+    def full_disk(obj, f, *a, **k):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), background=True, model={"w": torch.zeros(2)}, step=1)
+    with pytest.raises(common.UserError, match="cannot write checkpoint .*ckpt.pt: PytorchStreamWriter"):
+        common.finish_saves()
+    common.finish_saves()  # reported once
+    with pytest.raises(common.UserError, match="cannot write checkpoint"):  # a synchronous save: at once
+        common.save_checkpoint(str(tmp_path / "ckpt.pt"), model={"w": torch.zeros(2)}, step=1)
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 # ---------------------------------------------------------------- torchrun --max_restarts (stage 2)

@@ -69,6 +69,22 @@ def test_random_masking_keeps_exactly_k_and_ids_restore_inverts(mask_ratio):
     assert not all(torch.equal(mask[0], mask[b]) for b in range(1, B))
 
 
+def test_masking_noise_given_by_the_caller():
+    """pretrain_mae.py draws the noise eagerly (CUDA graphs ignore manual_seed): the same draw must give the same
+    mask as the model's own, and the kept patches are those with the smallest noise."""
+    model = nano().eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(4)
+    latent, mask, ids_restore = model.forward_features(imgs, mask_ratio=0.75)
+    torch.manual_seed(4)
+    noise = torch.rand(3, model.num_patches)
+    latent2, mask2, ids_restore2 = model.forward_features(imgs, mask_ratio=0.75, noise=noise)
+    assert torch.equal(mask, mask2) and torch.equal(ids_restore, ids_restore2) and torch.equal(latent, latent2)
+    smallest = torch.zeros_like(mask2).scatter_(1, noise.argsort(dim=1)[:, :16], 1.0)  # 16 = 25% of 64 kept
+    assert torch.equal(mask2, 1 - smallest)
+    assert torch.equal(model(imgs, 0.75, noise=noise)[2], mask2)
+
+
 def test_encoder_with_masking_sees_only_kept_tokens():
     model = nano().eval()
     imgs = torch.randn(2, 3, 32, 32)

@@ -80,7 +80,9 @@ def test_loss_falls(tmp_path):
     (["--dataset", "synthetic", "--model", "vit_gigantic"], "invalid choice"),  # argparse's own error line
     (["--dataset", "synthetic", "--img_size", "30", "--patch_size", "4"], "not divisible"),
     (["--dataset", "synthetic", "--resume"], "no checkpoint"),
-], ids=["missing_data_path", "unknown_dataset", "unknown_model", "img_not_divisible", "resume_without_ckpt"])
+    (["--dataset", "synthetic", "--nnclr_weight", "1", "--compile_mode", "reduce-overhead"], "plain MAE"),
+], ids=["missing_data_path", "unknown_dataset", "unknown_model", "img_not_divisible", "resume_without_ckpt",
+        "cuda_graphs_with_joint"])
 def test_bad_input_fails_cleanly(monkeypatch, capsys, tmp_path, args, text):
     """Exit 2, one error line naming the problem, no traceback, nothing written."""
     out = tmp_path / "run"
