@@ -24,16 +24,17 @@ SEED=${SEED:-0}
 # Recipes. Stage 1 follows MAE (blr 1.5e-4, mask 0.75); stages 2/3 the paper (blr 1e-4, 20% warm-up, top-k 20,
 # temperature 0.15 for B and smaller). Small-image choices (ours): patch 4, ViT-T, a queue of about a third of
 # the training set (a queue larger than the data holds stale copies of every image), 20% warm-up everywhere
-# the run is short; stage 1 of ViT-T as CUDA graphs (compile mode reduce-overhead): its step is bound by the host.
+# the run is short; stage 1 of ViT-T as CUDA graphs on one GPU (compile mode reduce-overhead): its step is bound
+# by the host.
 case $name in
   smoke)         data="--dataset synthetic"; model=vit_nano; e=(30 10 10); bs=(256 256 256)
                  head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; extra_ct="--topk 5" ;;
   cifar10_5k)    data="--dataset imagefolder --data_path ../shared/data/cifar10-5k --img_size 32"; model=vit_nano
                  e=(100 20 20); bs=(256 256 256); head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 1024"; extra_ct="--topk 5" ;;
   fashion_mnist) data="--dataset fashion_mnist"; model=vit_tiny; e=(100 20 20); bs=(1024 1024 1024)
-                 head="--queue_size 16384"; extra_ct="--topk 20"; mae_extra="--compile_mode reduce-overhead" ;;
+                 head="--queue_size 16384"; extra_ct="--topk 20"; graphs=1 ;;
   cifar10|cifar100) data="--dataset $name"; model=vit_tiny; e=(800 20 20); bs=(1024 1024 1024)
-                 head="--queue_size 16384"; extra_ct="--topk 20"; mae_extra="--compile_mode reduce-overhead" ;;
+                 head="--queue_size 16384"; extra_ct="--topk 20"; graphs=1 ;;
   imagenet100)   data="--dataset imagefolder --img_size 224"; model=vit_base; e=(800 20 20); bs=(1024 1024 1024)
                  head="--queue_size 65536"; extra_ct="--topk 20"; mae_extra="--patch_size 16" ;;
   *) echo "error: unknown recipe '$name' (smoke, cifar10_5k, fashion_mnist, cifar10, cifar100, imagenet100)" >&2; exit 2 ;;
@@ -42,6 +43,9 @@ E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
 ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${graphs:-0}" = 1 ] && [ "$ngpu" -le 1 ]; then  # CUDA graphs were measured on one GPU, not under DDP
+  mae_extra="${mae_extra:-} --compile_mode reduce-overhead"
+fi
 if [ "$ngpu" -gt 1 ]; then launch=(torchrun --nproc_per_node="$ngpu"); else launch=(python); fi
 mkdir -p "$RUN"
 

@@ -146,6 +146,10 @@ def test_failed_background_save_stops_with_one_line(monkeypatch, tmp_path):
     common.finish_saves()  # reported once
     with pytest.raises(common.UserError, match="cannot write checkpoint"):  # a synchronous save: at once
         common.save_checkpoint(str(tmp_path / "ckpt.pt"), model={"w": torch.zeros(2)}, step=1)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: 1 / 0)  # any other failure in the thread is not lost
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), background=True, model={"w": torch.zeros(2)}, step=1)
+    with pytest.raises(common.UserError, match="ZeroDivisionError"):
+        common.finish_saves()
     assert not (tmp_path / "ckpt.pt").exists()
 
 
