@@ -36,11 +36,10 @@ def main_guard(main):
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if _writer["thread"] is not None or _writer["error"]:  # main stopped while a checkpoint was being written
-            try:
-                finish_saves()
-            except UserError as e:
-                print(f"error: {e}", file=sys.stderr)
+        try:  # main stopped while a checkpoint was being written: let it finish, and say if it failed
+            finish_saves()
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
 

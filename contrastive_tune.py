@@ -169,7 +169,8 @@ def main():
             if step % save_every == 0 or step == last_step:
                 if proc.main:
                     extra = dict(encoder_ema=encoder_ema.state_dict()) if encoder_ema is not None else {}
-                    common.save_checkpoint(ckpt_path, background=proc.world == 1, stage="ct", config=cfg, model=raw.state_dict(),
+                    common.save_checkpoint(ckpt_path, background=proc.world == 1,  # DDP: on disk before the barrier
+                                           stage="ct", config=cfg, model=raw.state_dict(),
                                            optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
                                            args=common.args_dict(args), **extra)
                 if proc.world > 1:

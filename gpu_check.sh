@@ -23,7 +23,7 @@ PARTS=${PARTS:-rng fm}
 
 fm() {  # Fashion-MNIST, the whole chain incl. MAE-CT and MAE-CT_aug (the recipe's epochs unless E1/E2/E3 are set)
   rm -rf runs/fm_gpu
-  timeout "${T3:-490}" env RUN=runs/fm_gpu ${E1:+E1=$E1} ${E2:+E2=$E2} ${E3:+E3=$E3} \
+  timeout "${T3:-490}" env RUN=runs/fm_gpu \
       EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
       bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} 2>&1 | tee "$OUT/fm.log"
   tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null

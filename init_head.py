@@ -151,7 +151,8 @@ def main():
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 if proc.main:
-                    common.save_checkpoint(ckpt_path, background=proc.world == 1, stage="head", config=cfg, model=raw.state_dict(),
+                    common.save_checkpoint(ckpt_path, background=proc.world == 1,  # DDP: on disk before the barrier
+                                           stage="head", config=cfg, model=raw.state_dict(),
                                            optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
                                            args=common.args_dict(args))
                 if proc.world > 1:

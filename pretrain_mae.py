@@ -186,7 +186,8 @@ def save(proc, args, raw, opt, step, epoch, cfg, path):
     if proc.main:
         joint = args.nnclr_weight > 0
         extra = dict(nnclr_head={k: v for k, v in raw.state_dict().items() if not k.startswith("mae.")}) if joint else {}
-        common.save_checkpoint(path, background=proc.world == 1, stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
+        common.save_checkpoint(path, background=proc.world == 1,  # DDP: on disk before the barrier
+                               stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
                                optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
                                args=common.args_dict(args), **extra)
     if proc.world > 1:
