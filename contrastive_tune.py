@@ -90,7 +90,7 @@ def main():
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
     check_queue(args, len(train))
     loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
-                             args.seed, num_workers=args.num_workers)
+                             args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))
     train_labels = train.labels.to(proc.device)
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed) if args.eval_every else None
     steps_per_epoch = len(loader)

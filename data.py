@@ -11,6 +11,7 @@ Two things live here:
        "minimal" RandomResizedCrop(scale 0.08-1, bicubic) + flip             stages 2/3 (MAE-CT)
        "aug"     "minimal" + the BYOL colour pipeline                        stages 2/3 (MAE-CT_aug)
        "eval"    no augmentation (file-backed: Resize(S/0.875) + CenterCrop) feature extraction
+     ViewLoader(crop_scale=(a, b)) overrides the crop scale (stages 2/3: --crop_min a, b = 1).
 
 In-memory data is moved to the device once and augmented there in batches with torch ops (the
 "GPU-resident" recipe of airbench): a batch of crops + flips is ONE grid_sample call, so no DataLoader
@@ -373,10 +374,11 @@ def _normalize(x, mean, std):
     return (x - mean) / std
 
 
-def augment(x_uint8, views, n_views, img_size, mean, std):
+def augment(x_uint8, views, n_views, img_size, mean, std, crop_scale=None):
     """uint8 batch (B, C, H, W) on any device -> list of n_views normalised float32 (B, C, img_size, img_size).
 
     Views with an even index get view 0's colour settings and odd ones view 1's (only "aug" differs).
+    crop_scale: RandomResizedCrop's area range (default CROP_SCALE[views]).
     """
     x = x_uint8.float() / 255
     if views == "eval":  # load_split already stored the images at img_size; resize only if the caller differs
@@ -386,7 +388,7 @@ def augment(x_uint8, views, n_views, img_size, mean, std):
     B, _, H, W = x.shape
     out = []
     for i in range(n_views):
-        boxes = random_resized_crop_boxes(B, H, W, CROP_SCALE[views], CROP_RATIO, x.device)
+        boxes = random_resized_crop_boxes(B, H, W, crop_scale or CROP_SCALE[views], CROP_RATIO, x.device)
         flip = torch.rand(B, device=x.device) < 0.5
         v = crop_resize_flip(x, boxes, flip, img_size).clamp(0, 1)  # bicubic overshoots a little
         if views == "aug":
@@ -444,10 +446,11 @@ class ViewLoader:
 
     def __init__(self, data: ImageSet, batch_size: int, views: str, n_views: int, img_size: int, device,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 num_workers: int = 4):
+                 num_workers: int = 4, crop_scale: tuple[float, float] | None = None):
         if views not in VIEWS:
             raise DataError(f"unknown views {views!r}; choose one of {', '.join(VIEWS)}")
         self.data, self.batch_size, self.views, self.n_views = data, batch_size, views, n_views
+        self.crop_scale = crop_scale or CROP_SCALE.get(views)
         self.img_size, self.device = img_size, torch.device(device)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
@@ -462,7 +465,7 @@ class ViewLoader:
         if views == "eval":  # the usual 0.875 centre crop (224 of 256)
             tf = [T.Resize(int(img_size / 0.875), interpolation=bicubic), T.CenterCrop(img_size)]
         else:
-            tf = [T.RandomResizedCrop(img_size, scale=CROP_SCALE[views], ratio=CROP_RATIO, interpolation=bicubic),
+            tf = [T.RandomResizedCrop(img_size, scale=self.crop_scale, ratio=CROP_RATIO, interpolation=bicubic),
                   T.RandomHorizontalFlip()]
         self.sampler = _ListSampler()
         self.loader = torch.utils.data.DataLoader(
@@ -492,7 +495,8 @@ class ViewLoader:
         indices = indices.to(self.device)
         for b in range(0, len(indices), self.batch_size):
             idx = indices[b:b + self.batch_size]  # (B,)
-            views = augment(self.images[idx], self.views, self.n_views, self.img_size, self.mean, self.std)
+            views = augment(self.images[idx], self.views, self.n_views, self.img_size, self.mean, self.std,
+                            self.crop_scale)
             yield idx, views, self.labels[idx]
 
     def _iter_files(self, indices):

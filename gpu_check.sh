@@ -4,10 +4,12 @@
 # Data is read from .devdata/ (git-ignored): prepare it on a machine that has it with
 #   mkdir -p .devdata/fmgz && cp /usr/share/datasets/fashion-mnist/*.gz .devdata/fmgz/ && cp -r ../shared/data/cifar10-5k .devdata/
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
-# PARTS picks and orders the parts (default "rng fm": at most ~9.5 minutes, under one device call's 10-minute limit:
-# the CUDA-graph seeding check, then the full Fashion-MNIST recipe, 100 + 20 + 20 epochs, both stage-3 variants).
-# Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs
-# the official recipe), fm with E1=50 E2=10 E3=15. E1/E2/E3 shorten the chain, FM_FLAGS go to every stage of it.
+# PARTS picks and orders the parts. Default "fmsweep" (at most 9.5 minutes; run it with timeout_s 590): the full
+# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants, and beside its stage 3 the CUDA-graph seeding
+# check and the stage-3 VARIANTS (estimated ~9 minutes on an H200: tight). A second call on the still-warm machine
+# can run PARTS=variants from the same stage-2 head. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt
+# (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), fm (the chain alone). SEED picks the
+# seed, E1/E2/E3 shorten the chain, FM_FLAGS go to every stage of it.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu_check}
@@ -19,11 +21,14 @@ export PYTHONUNBUFFERED=1
 mkdir -p .devdata/fm/FashionMNIST/raw
 for f in .devdata/fmgz/*.gz; do gunzip -c "$f" > ".devdata/fm/FashionMNIST/raw/$(basename "$f" .gz)"; done
 
-PARTS=${PARTS:-rng fm}
+PARTS=${PARTS:-fmsweep}
+# Beside the recipe's stage 3 (40 epochs, crops >= 50%), the paper's stage 3 (20 epochs, crops >= 8%) from the same
+# head, so that each seed gives the pair (one seed so far, RESULTS.md: run the next ones with SEED=1, 2).
+VARIANTS=${VARIANTS-paper|--crop_min 0.08 --epochs 20}
 
 fm() {  # Fashion-MNIST, the whole chain incl. MAE-CT and MAE-CT_aug (the recipe's epochs unless E1/E2/E3 are set)
   rm -rf runs/fm_gpu
-  timeout "${T3:-490}" env RUN=runs/fm_gpu \
+  timeout "${T3:-570}" env RUN=runs/fm_gpu \
       EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
       bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} 2>&1 | tee "$OUT/fm.log"
   tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
@@ -42,9 +47,9 @@ vitb() {  # MAE ViT-B/16, 224 px, batch 256: ours vs the official recipe (fp16 e
   timeout "${T1:-160}" python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 \
       --stages mae --baseline --queue_size 65536 --steps 10 --runs 3 --json "$OUT/bench_vitb.json" 2>&1 | tee "$OUT/bench_vitb.log"
 }
-rng() {  # CUDA graphs replay the random masking without honouring torch.manual_seed (measured: BENCHMARKS.md), so
-         # pretrain_mae.py draws the mask noise eagerly: with it, the same seed must give the same loss, another
-         # seed another one
+rng() {  # seeding under CUDA graphs: after warm-up, the same seed must give the same loss and another seed another
+         # one, with the mask noise drawn in the graph and drawn eagerly (as pretrain_mae.py does). Both passed on
+         # an H200 in session 4 (BENCHMARKS.md)
   timeout 120 python - <<'EOF' 2>&1 | tee "$OUT/rng.log"
 import torch
 from model import MaskedAutoencoder, model_config, init_weights
@@ -63,6 +68,36 @@ for eager_noise in [False, True]:
     print(f"noise drawn {'eagerly' if eager_noise else 'in the graph'}: seed1 {a:.6f} seed2 {b:.6f} seed1 again {a2:.6f}"
           f" -> {'reproducible' if a == a2 and a != b else 'NOT reproducible'}")
 EOF
+}
+fmsweep() {  # the recipe's chain (the RESULTS row) and, once its stage 2 is done, `variants` beside it on the same GPU
+  END=$((SECONDS + ${T5:-570}))
+  rm -rf runs/fm_gpu
+  timeout $((END - SECONDS)) env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
+      bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
+  local row=$!
+  while [ ! -f runs/fm_gpu/head/DONE ] && kill -0 $row 2>/dev/null; do sleep 2; done
+  variants
+  wait $row
+  tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
+}
+variants() {  # stage-3 variants from fmsweep's stage-2 head (runs/fm_gpu/head, kept on a warm machine), one process
+              # each, all at once (VARIANTS="name|flags;name|flags"; the first also runs the seeding check first when
+              # RNG=1), evaluated with k-NN and k-means. Processes share the GPU: their seconds are not clean timings.
+  local end=${END:-$((SECONDS + ${T5:-570}))} pids=() first=1 v
+  local common="--dataset fashion_mnist --data_path .devdata/fm --seed ${SEED:-0} --queue_size 16384 --topk 20 --batch_size 1024"
+  IFS=';' read -ra vs <<< "${VARIANTS:-}"
+  for v in "${vs[@]}"; do
+    local name=${v%%|*} flags=${v#*|}
+    ( if [ $first = 1 ] && [ "${RNG:-1}" = 1 ]; then rng; fi
+      timeout $((end - SECONDS)) python contrastive_tune.py $common --init_from runs/fm_gpu/head/ckpt.pt \
+          --out_dir runs/fm_gpu/$name $flags ${FM_FLAGS:-} \
+        && timeout $((end - SECONDS)) python evaluate.py --init_from runs/fm_gpu/$name/ckpt.pt --dataset fashion_mnist \
+          --data_path .devdata/fm --seed ${SEED:-0} --metrics knn,kmeans --kmeans_seeds 5 --out_dir runs/fm_gpu/eval_$name ${FM_FLAGS:-}
+    ) > "$OUT/$name.log" 2>&1 &
+    pids+=($!); first=0
+  done
+  wait "${pids[@]}"
+  tar czf "$OUT/variants.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
 }
 fmquick() {  # a short Fashion-MNIST chain with the recipe's CUDA graphs: does every stage run, and how fast
   rm -rf runs/fm_quick

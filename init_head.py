@@ -44,15 +44,18 @@ def add_head_args(p, temperature=0.15):
     g.add_argument("--proj_dim", type=int, default=256, help="embedding width (projector output, queue entries)")
     g.add_argument("--pred_hidden", type=int, default=4096, help="predictor hidden width")
     g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the head")
+    g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
     return p
 
 
 def check_queue(args, n_train):
-    """Resolve --queue_size and refuse settings that the FIFO cannot honour."""
+    """Resolve --queue_size and refuse settings that the FIFO (or the views) cannot honour."""
     if args.queue_size is None:
         args.queue_size = max(args.batch_size, min(65536, n_train) // args.batch_size * args.batch_size)
     if args.queue_size % args.batch_size:
         raise common.UserError(f"--queue_size {args.queue_size} is not a multiple of the global batch {args.batch_size}")
+    if not 0 < getattr(args, "crop_min", 1) <= 1:
+        raise common.UserError(f"--crop_min {args.crop_min} is not in (0, 1]")
     if getattr(args, "topk", 1) > args.queue_size:
         raise common.UserError(f"--topk {args.topk} is larger than the queue ({args.queue_size})")
 
@@ -86,7 +89,7 @@ def main():
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
     check_queue(args, len(train))
     loader = data.ViewLoader(train, local_batch, "minimal", 2, args.img_size, proc.device, proc.rank, proc.world,
-                             args.seed, num_workers=args.num_workers)
+                             args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))
     train_labels = train.labels.to(proc.device)
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed) if args.eval_every else None
     steps_per_epoch = len(loader)

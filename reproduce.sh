@@ -25,14 +25,16 @@ SEED=${SEED:-0}
 # temperature 0.15 for B and smaller). Small-image choices (ours): patch 4, ViT-T, a queue of about a third of
 # the training set (a queue larger than the data holds stale copies of every image), 20% warm-up everywhere
 # the run is short; stage 1 of ViT-T as CUDA graphs on one GPU (compile mode reduce-overhead): its step is bound
-# by the host.
+# by the host. Fashion-MNIST's stage 3 (ours, measured on one GPU and one seed, RESULTS.md): 40 epochs and crops of
+# at least half the image (--crop_min 0.5 instead of 0.08: an 8% crop of a 28-px garment is a 8x8-pixel patch)
+# beat the paper's 20 epochs and 0.08 on k-NN and k-means.
 case $name in
   smoke)         data="--dataset synthetic"; model=vit_nano; e=(30 10 10); bs=(256 256 256)
                  head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; extra_ct="--topk 5" ;;
   cifar10_5k)    data="--dataset imagefolder --data_path ../shared/data/cifar10-5k --img_size 32"; model=vit_nano
                  e=(100 20 20); bs=(256 256 256); head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 1024"; extra_ct="--topk 5" ;;
-  fashion_mnist) data="--dataset fashion_mnist"; model=vit_tiny; e=(100 20 20); bs=(1024 1024 1024)
-                 head="--queue_size 16384"; extra_ct="--topk 20"; graphs=1 ;;
+  fashion_mnist) data="--dataset fashion_mnist"; model=vit_tiny; e=(100 20 40); bs=(1024 1024 1024)
+                 head="--queue_size 16384"; extra_ct="--topk 20 --crop_min 0.5"; graphs=1 ;;
   cifar10|cifar100) data="--dataset $name"; model=vit_tiny; e=(800 20 20); bs=(1024 1024 1024)
                  head="--queue_size 16384"; extra_ct="--topk 20"; graphs=1 ;;
   imagenet100)   data="--dataset imagefolder --img_size 224"; model=vit_base; e=(800 20 20); bs=(1024 1024 1024)

@@ -290,6 +290,7 @@ def test_bad_input(chain, tmp_path):
     assert_refused(ct(chain, out, "--init_from", tmp_path / "shapes.pt"), out, "wrong shape")
     assert_refused(ct(chain, out, "--topk", "100000"), out, "larger than the queue")
     assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
+    assert_refused(ct(chain, out, "--crop_min", "0"), out, "--crop_min 0.0 is not in (0, 1]")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")
 
 

@@ -91,6 +91,29 @@ def test_augment_flips_about_half():
     assert 0.4 < flipped.float().mean().item() < 0.6
 
 
+def test_view_loader_crop_scale_reaches_both_paths(tmp_path):
+    """crop_scale (init_head/contrastive_tune --crop_min) replaces the views' default area range: at (1, 1) every
+    view is the whole image, mirrored or not; at the default (0.08, 1) most are not."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    imset = data.ImageSet(images, torch.zeros(64, dtype=torch.long), ["a"], 3, (0.5,) * 3, (0.25,) * 3)
+    whole = data._normalize(images.float() / 255, imset.mean, imset.std)
+    for scale, expect_whole in [((1.0, 1.0), True), (None, False)]:
+        loader = data.ViewLoader(imset, 64, "minimal", 2, 32, "cpu", shuffle=False, num_workers=0, crop_scale=scale)
+        _, views, _ = next(iter(loader))
+        for v in views:
+            same = torch.minimum((v - whole).abs().amax(dim=(1, 2, 3)), (v - whole.flip(-1)).abs().amax(dim=(1, 2, 3)))
+            assert bool((same < 1e-3).all()) == expect_whole
+    files = tmp_path / "train" / "a"
+    files.mkdir(parents=True)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(files / f"{i}.png")
+    folder = data.load_split("imagefolder", str(tmp_path), "train", 32, in_memory=False)
+    loader = data.ViewLoader(folder, 4, "minimal", 1, 32, "cpu", shuffle=False, num_workers=0, crop_scale=(1.0, 1.0))
+    assert loader.loader.dataset.transform.transforms[0].scale == (1.0, 1.0)
+
+
 # ---- colour ----
 
 def test_hue_shift_matches_torchvision():
