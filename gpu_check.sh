@@ -4,7 +4,7 @@
 # Data is read from .devdata/ (git-ignored): prepare it on a machine that has it with
 #   mkdir -p .devdata/fmgz && cp /usr/share/datasets/fashion-mnist/*.gz .devdata/fmgz/ && cp -r ../shared/data/cifar10-5k .devdata/
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
-# PARTS picks and orders the parts. Default "fmsweep" (at most 9.5 minutes; run it with timeout_s 590): the full
+# PARTS picks and orders the parts. Default "fmsweep" (at most ~9.5 minutes; run it with timeout_s 590): the full
 # Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants, and beside its stage 3 the CUDA-graph seeding
 # check and the stage-3 VARIANTS (estimated ~9 minutes on an H200: tight). A second call on the still-warm machine
 # can run PARTS=variants from the same stage-2 head. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt
@@ -69,29 +69,33 @@ for eager_noise in [False, True]:
           f" -> {'reproducible' if a == a2 and a != b else 'NOT reproducible'}")
 EOF
 }
-fmsweep() {  # the recipe's chain (the RESULTS row) and, once its stage 2 is done, `variants` beside it on the same GPU
-  END=$((SECONDS + ${T5:-570}))
+left() { echo $((END - SECONDS > 1 ? END - SECONDS : 1)); }  # seconds to the deadline END, at least 1 (timeout 0 = none)
+fmsweep() {  # the recipe's chain (the RESULTS row) and, once its stage 2 is done, `variants` beside it on the same GPU.
+             # Every number is also printed into OUT/*.log, so a call cut off before the tarballs loses none.
+  END=$((SECONDS + ${T5:-565}))
   rm -rf runs/fm_gpu
-  timeout $((END - SECONDS)) env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
+  timeout "$(left)" env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
       bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
   local row=$!
   while [ ! -f runs/fm_gpu/head/DONE ] && kill -0 $row 2>/dev/null; do sleep 2; done
-  variants
+  if [ -f runs/fm_gpu/head/DONE ]; then variants; else echo "fmsweep: stage 2 did not finish, no variants" | tee -a "$OUT/fm.log"; fi
   wait $row
   tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
 }
 variants() {  # stage-3 variants from fmsweep's stage-2 head (runs/fm_gpu/head, kept on a warm machine), one process
               # each, all at once (VARIANTS="name|flags;name|flags"; the first also runs the seeding check first when
               # RNG=1), evaluated with k-NN and k-means. Processes share the GPU: their seconds are not clean timings.
-  local end=${END:-$((SECONDS + ${T5:-570}))} pids=() first=1 v
+  END=${END:-$((SECONDS + ${T5:-565}))}
+  local pids=() first=1 v
   local common="--dataset fashion_mnist --data_path .devdata/fm --seed ${SEED:-0} --queue_size 16384 --topk 20 --batch_size 1024"
   IFS=';' read -ra vs <<< "${VARIANTS:-}"
   for v in "${vs[@]}"; do
+    if [[ $v != *"|"* ]]; then echo "variants: '$v' is not name|flags, skipped"; continue; fi
     local name=${v%%|*} flags=${v#*|}
     ( if [ $first = 1 ] && [ "${RNG:-1}" = 1 ]; then rng; fi
-      timeout $((end - SECONDS)) python contrastive_tune.py $common --init_from runs/fm_gpu/head/ckpt.pt \
+      timeout "$(left)" python contrastive_tune.py $common --init_from runs/fm_gpu/head/ckpt.pt \
           --out_dir runs/fm_gpu/$name $flags ${FM_FLAGS:-} \
-        && timeout $((end - SECONDS)) python evaluate.py --init_from runs/fm_gpu/$name/ckpt.pt --dataset fashion_mnist \
+        && timeout "$(left)" python evaluate.py --init_from runs/fm_gpu/$name/ckpt.pt --dataset fashion_mnist \
           --data_path .devdata/fm --seed ${SEED:-0} --metrics knn,kmeans --kmeans_seeds 5 --out_dir runs/fm_gpu/eval_$name ${FM_FLAGS:-}
     ) > "$OUT/$name.log" 2>&1 &
     pids+=($!); first=0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 from model import MAECT, MaskedAutoencoder, NNQueue, init_weights, model_config, nnclr_loss
-from tests.conftest import run_torchrun
+from tests.conftest import run_in_process, run_torchrun
 from tests.nnclr_case import HEAD, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +223,27 @@ def ct(chain, out, *extra):
     return run("contrastive_tune.py", "--init_from", chain / "head" / "ckpt.pt", "--dataset", "synthetic",
                "--epochs", "1", "--batch_size", "64", "--out_dir", out, "--device", "cpu", "--warmup_epochs", "0.1",
                "--topk", "3", *extra)
+
+
+@pytest.mark.parametrize("script", ["init_head.py", "contrastive_tune.py"])
+def test_crop_min_reaches_the_views(chain, tmp_path, monkeypatch, capsys, script):
+    """--crop_min becomes the views' crop scale (crop_min, 1) in stages 2 and 3."""
+    import data
+    seen = []
+
+    class Spy(data.ViewLoader):
+        def __init__(self, *args, crop_scale=None, **kw):
+            seen.append(crop_scale)
+            super().__init__(*args, crop_scale=crop_scale, **kw)
+
+    monkeypatch.setattr(data, "ViewLoader", Spy)
+    init = chain / "mae.pt" if script == "init_head.py" else chain / "head" / "ckpt.pt"
+    extra = SMALL_HEAD if script == "init_head.py" else ["--topk", "3"]
+    code, _, err = run_in_process(monkeypatch, capsys, script, "--init_from", init, "--dataset", "synthetic",
+                                  "--epochs", "1", "--batch_size", "64", "--max_steps", "1", "--warmup_epochs", "0.1",
+                                  "--out_dir", tmp_path / "o", "--device", "cpu", "--crop_min", "0.7", *extra)
+    assert code == 0, err[-2000:]
+    assert seen == [(0.7, 1.0)]
 
 
 def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):

@@ -34,6 +34,10 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert r2.stdout.count("skipped") == 7 and "pretrain_mae.py ->" not in r2.stdout
     assert "| MAE-CT |" in r2.stdout and "| MAE-CT_aug |" in r2.stdout
+    # a rerun with other stage-3 settings stops at stage 3 instead of reporting the old run under the new recipe
+    r3 = subprocess.run(cmd, cwd=REPO, env=dict(env, E3="2"), capture_output=True, text=True, timeout=120)
+    assert r3.returncode == 2 and r3.stderr.strip().splitlines()[-1].startswith(f"error: {run / 'ct'} was made with other settings")
+    assert "contrastive_tune.py ->" not in r3.stdout and r3.stdout.count("skipped") == 3
 
 
 def test_reproduce_rejects_unknown_recipe():
