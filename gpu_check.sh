@@ -5,8 +5,8 @@
 #   mkdir -p .devdata/fmgz && cp /usr/share/datasets/fashion-mnist/*.gz .devdata/fmgz/ && cp -r ../shared/data/cifar10-5k .devdata/
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
 # PARTS picks and orders the parts. Default "fmsweep" (at most ~9.5 minutes; run it with timeout_s 590): the full
-# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants, and beside its stage 3 the CUDA-graph seeding
-# check and the stage-3 VARIANTS (estimated ~9 minutes on an H200: tight). A second call on the still-warm machine
+# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants, and beside its stage 3 the stage-3 VARIANTS
+# (estimated ~9 minutes on an H200 from session 4's parts: tight; RNG=1 adds the CUDA-graph seeding check). A second call on the still-warm machine
 # can run PARTS=variants from the same stage-2 head. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt
 # (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), fm (the chain alone). SEED picks the
 # seed, E1/E2/E3 shorten the chain, FM_FLAGS go to every stage of it.
@@ -84,7 +84,8 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and, once its stage 2 is don
 }
 variants() {  # stage-3 variants from fmsweep's stage-2 head (runs/fm_gpu/head, kept on a warm machine), one process
               # each, all at once (VARIANTS="name|flags;name|flags"; the first also runs the seeding check first when
-              # RNG=1), evaluated with k-NN and k-means. Processes share the GPU: their seconds are not clean timings.
+              # RNG=1; it passed in session 4), evaluated with k-NN and k-means. Processes share the GPU: their seconds
+              # are not clean timings.
   END=${END:-$((SECONDS + ${T5:-565}))}
   local pids=() first=1 v
   local common="--dataset fashion_mnist --data_path .devdata/fm --seed ${SEED:-0} --queue_size 16384 --topk 20 --batch_size 1024"
@@ -92,7 +93,7 @@ variants() {  # stage-3 variants from fmsweep's stage-2 head (runs/fm_gpu/head, 
   for v in "${vs[@]}"; do
     if [[ $v != *"|"* ]]; then echo "variants: '$v' is not name|flags, skipped"; continue; fi
     local name=${v%%|*} flags=${v#*|}
-    ( if [ $first = 1 ] && [ "${RNG:-1}" = 1 ]; then rng; fi
+    ( if [ $first = 1 ] && [ "${RNG:-0}" = 1 ]; then rng; fi
       timeout "$(left)" python contrastive_tune.py $common --init_from runs/fm_gpu/head/ckpt.pt \
           --out_dir runs/fm_gpu/$name $flags ${FM_FLAGS:-} \
         && timeout "$(left)" python evaluate.py --init_from runs/fm_gpu/$name/ckpt.pt --dataset fashion_mnist \
