@@ -6,10 +6,10 @@
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
 # PARTS picks and orders the parts. Default "fmsweep" (at most ~9.5 minutes; run it with timeout_s 590): the full
 # Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants, and beside its stage 3 the stage-3 VARIANTS
-# (estimated ~9 minutes on an H200 from session 4's parts: tight; RNG=1 adds the CUDA-graph seeding check). A second call on the still-warm machine
-# can run PARTS=variants from the same stage-2 head. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt
-# (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), fm (the chain alone). SEED picks the
-# seed, E1/E2/E3 shorten the chain, FM_FLAGS go to every stage of it.
+# (estimated ~9 minutes on an H200 from session 4's parts: tight; VARIANTS= runs the chain alone, RNG=1 adds the
+# CUDA-graph seeding check). A second call on the still-warm machine can run PARTS=variants from the same stage-2
+# head. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt (ViT-T benchmarks, CUDA graphs), vitb
+# (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3 shorten the chain, FM_FLAGS go to every stage.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu_check}
@@ -26,13 +26,6 @@ PARTS=${PARTS:-fmsweep}
 # head, so that each seed gives the pair (one seed so far, RESULTS.md: run the next ones with SEED=1, 2).
 VARIANTS=${VARIANTS-paper|--crop_min 0.08 --epochs 20}
 
-fm() {  # Fashion-MNIST, the whole chain incl. MAE-CT and MAE-CT_aug (the recipe's epochs unless E1/E2/E3 are set)
-  rm -rf runs/fm_gpu
-  timeout "${T3:-570}" env RUN=runs/fm_gpu \
-      EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
-      bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} 2>&1 | tee "$OUT/fm.log"
-  tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
-}
 vitt() {  # ViT-T/4 on 32 px, batch 1024: the MAE step and the real path (in-memory data + GPU aug + step), then
           # both again with CUDA graphs (torch.compile mode reduce-overhead): the same-run ratio is what counts.
           # VITT_STAGES=mae,head,ct,features times every stage (measured before: BENCHMARKS.md)
@@ -101,7 +94,7 @@ variants() {  # stage-3 variants from fmsweep's stage-2 head (runs/fm_gpu/head, 
     ) > "$OUT/$name.log" 2>&1 &
     pids+=($!); first=0
   done
-  wait "${pids[@]}"
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"  # (a bare wait would also wait for fmsweep's chain)
   tar czf "$OUT/variants.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
 }
 fmquick() {  # a short Fashion-MNIST chain with the recipe's CUDA graphs: does every stage run, and how fast

@@ -128,7 +128,8 @@ class VisionTransformer(nn.Module):
         """Keep a random subset of L*(1-mask_ratio) tokens per sample, chosen by argsort of uniform noise
         (MAE). Returns kept tokens (B, K, D), the binary mask (B, L) with 1 = removed, and ids_restore (B, L)
         which puts a (kept + mask tokens) sequence back into patch order. `noise` (B, L) may be drawn by the
-        caller: a compiled model replayed as a CUDA graph ignores torch.manual_seed, eager torch.rand does not."""
+        caller (pretrain_mae.py does, eagerly): then the masks are the same in every compile mode, since inductor's
+        random stream is not eager PyTorch's."""
         B, L, D = x.shape
         len_keep = int(L * (1 - mask_ratio))
         if noise is None:

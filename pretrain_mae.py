@@ -126,7 +126,7 @@ def main():
     # ---- compile, DDP ----
     raw = model
     if args.compile:
-        model = torch.compile(model, mode=args.compile_mode)  # CUDA graphs ignore manual_seed: masks come as input
+        model = torch.compile(model, mode=args.compile_mode)  # masks come as input: the same in every mode
     model = common.ddp(model, proc)
 
     # ---- loop ----

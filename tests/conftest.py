@@ -92,6 +92,7 @@ def assert_same_state(ca, cb, parts=("model",)):
             assert torch.equal(torch.as_tensor(sa[i][n]), torch.as_tensor(sb[i][n])), (i, n)
     assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
 
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes with torchrun (gloo, CPU)")
     config.addinivalue_line("markers", "slow: runs a stage script for a few seconds or more")

@@ -70,7 +70,7 @@ def test_random_masking_keeps_exactly_k_and_ids_restore_inverts(mask_ratio):
 
 
 def test_masking_noise_given_by_the_caller():
-    """pretrain_mae.py draws the noise eagerly (CUDA graphs ignore manual_seed): the same draw must give the same
+    """pretrain_mae.py draws the noise eagerly (same masks in every compile mode): the same draw must give the same
     mask as the model's own, and the kept patches are those with the smallest noise."""
     model = nano().eval()
     imgs = torch.randn(3, 3, 32, 32)
