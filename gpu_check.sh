@@ -4,12 +4,15 @@
 # Data is read from .devdata/ (git-ignored): prepare it on a machine that has it with
 #   mkdir -p .devdata/fmgz && cp /usr/share/datasets/fashion-mnist/*.gz .devdata/fmgz/ && cp -r ../shared/data/cifar10-5k .devdata/
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
-# PARTS picks and orders the parts. Default "fmsweep" (at most ~9.5 minutes; run it with timeout_s 590): the full
-# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants, and beside its stage 3 the stage-3 VARIANTS
-# (estimated ~9 minutes on an H200 from session 4's parts: tight; VARIANTS= runs the chain alone, RNG=1 adds the
-# CUDA-graph seeding check). A second call on the still-warm machine can run PARTS=variants from the same stage-2
-# head. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt (ViT-T benchmarks, CUDA graphs), vitb
-# (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3 shorten the chain, FM_FLAGS go to every stage.
+# PARTS picks and orders the parts. Default "fmsweep" (at most 580 s; run it with timeout_s 595): the full
+# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants (8.0 minutes alone on an H200, session 5), and
+# beside it the VARIANTS, each starting once its input checkpoint is done. The default variant is the recipe's stages
+# 2 and 3 on the CLS token (--pooling cls): the MAE's CLS clusters ~8 k-means points above its mean pooling
+# (RESULTS.md). Seeds 0 and 1 are in RESULTS.md: run the next with SEED=2. VARIANTS= runs the chain alone; RNG=1 adds
+# the CUDA-graph seeding check. A second call on the still-warm machine (idle release ~30 s) can run PARTS=variants
+# from the same checkpoints. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt (ViT-T benchmarks,
+# CUDA graphs), vitb (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3 shorten the chain, FM_FLAGS go
+# to every stage.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu_check}
@@ -22,9 +25,8 @@ mkdir -p .devdata/fm/FashionMNIST/raw
 for f in .devdata/fmgz/*.gz; do gunzip -c "$f" > ".devdata/fm/FashionMNIST/raw/$(basename "$f" .gz)"; done
 
 PARTS=${PARTS:-fmsweep}
-# Beside the recipe's stage 3 (40 epochs, crops >= 50%), the paper's stage 3 (20 epochs, crops >= 8%) from the same
-# head, so that each seed gives the pair (one seed so far, RESULTS.md: run the next ones with SEED=1, 2).
-VARIANTS=${VARIANTS-paper|--crop_min 0.08 --epochs 20}
+# name|stage-3 flags[|stage-2 flags]; stage 3 always gets --queue_size 16384 --topk 20 --batch_size 1024 as the recipe
+VARIANTS=${VARIANTS-cls|--crop_min 0.5 --epochs 40|--pooling cls}
 
 vitt() {  # ViT-T/4 on 32 px, batch 1024: the MAE step and the real path (in-memory data + GPU aug + step), then
           # both again with CUDA graphs (torch.compile mode reduce-overhead): the same-run ratio is what counts.
@@ -63,31 +65,47 @@ for eager_noise in [False, True]:
 EOF
 }
 left() { echo $((END - SECONDS > 1 ? END - SECONDS : 1)); }  # seconds to the deadline END, at least 1 (timeout 0 = none)
-fmsweep() {  # the recipe's chain (the RESULTS row) and, once its stage 2 is done, `variants` beside it on the same GPU.
-             # Every number is also printed into OUT/*.log, so a call cut off before the tarballs loses none.
-  END=$((SECONDS + ${T5:-565}))
+await() {  # await FILE: 0 once FILE exists; 1 if it does not and the chain (pid CHAIN, when set) has ended
+  while [ ! -f "$1" ]; do
+    if [ -z "${CHAIN:-}" ] || ! kill -0 "$CHAIN" 2>/dev/null; then [ -f "$1" ]; return; fi
+    sleep 2
+  done
+}
+fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on the same GPU, each starting as soon
+             # as its input (the chain's stage-1 or stage-2 checkpoint) is done. Every number is also printed into
+             # OUT/*.log, so a call cut off before the tarballs loses none.
+  END=$((SECONDS + ${T5:-580}))
   rm -rf runs/fm_gpu
   timeout "$(left)" env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
       bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
-  local row=$!
-  while [ ! -f runs/fm_gpu/head/DONE ] && kill -0 $row 2>/dev/null; do sleep 2; done
-  if [ -f runs/fm_gpu/head/DONE ]; then variants; else echo "fmsweep: stage 2 did not finish, no variants" | tee -a "$OUT/fm.log"; fi
-  wait $row
+  CHAIN=$!
+  variants
+  wait $CHAIN
   tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
 }
-variants() {  # stage-3 variants from fmsweep's stage-2 head (runs/fm_gpu/head, kept on a warm machine), one process
-              # each, all at once (VARIANTS="name|flags;name|flags"; the first also runs the seeding check first when
-              # RNG=1; it passed in session 4), evaluated with k-NN and k-means. Processes share the GPU: their seconds
-              # are not clean timings.
-  END=${END:-$((SECONDS + ${T5:-565}))}
+variants() {  # stage-3 variants, one process each, all at once: VARIANTS="name|stage-3 flags[|stage-2 flags];...".
+              # Without stage-2 flags a variant tunes fmsweep's stage-2 head (runs/fm_gpu/head, kept on a warm
+              # machine); with them it first trains its own head from the chain's stage 1 (the recipe's stage 2 plus
+              # those flags). Evaluated with k-NN and k-means. The first also runs the seeding check first when
+              # RNG=1 (it passed in session 4). Processes share the GPU: their seconds are not clean timings.
+  END=${END:-$((SECONDS + ${T5:-580}))}
   local pids=() first=1 v
-  local common="--dataset fashion_mnist --data_path .devdata/fm --seed ${SEED:-0} --queue_size 16384 --topk 20 --batch_size 1024"
+  local run="--dataset fashion_mnist --data_path .devdata/fm --seed ${SEED:-0} --queue_size 16384 --batch_size 1024"
   IFS=';' read -ra vs <<< "${VARIANTS:-}"
   for v in "${vs[@]}"; do
     if [[ $v != *"|"* ]]; then echo "variants: '$v' is not name|flags, skipped"; continue; fi
-    local name=${v%%|*} flags=${v#*|}
+    local name flags hflags
+    IFS='|' read -r name flags hflags <<< "$v"
     ( if [ $first = 1 ] && [ "${RNG:-0}" = 1 ]; then rng; fi
-      timeout "$(left)" python contrastive_tune.py $common --init_from runs/fm_gpu/head/ckpt.pt \
+      head=runs/fm_gpu/head
+      if [ -n "$hflags" ]; then
+        await runs/fm_gpu/mae/DONE || { echo "variants: $name: the chain's stage 1 did not finish"; exit 1; }
+        head=runs/fm_gpu/head_$name
+        timeout "$(left)" python init_head.py $run --init_from runs/fm_gpu/mae/ckpt.pt --out_dir $head $hflags ${FM_FLAGS:-} || exit 1
+      else
+        await runs/fm_gpu/head/DONE || { echo "variants: $name: the chain's stage 2 did not finish"; exit 1; }
+      fi
+      timeout "$(left)" python contrastive_tune.py $run --topk 20 --init_from $head/ckpt.pt \
           --out_dir runs/fm_gpu/$name $flags ${FM_FLAGS:-} \
         && timeout "$(left)" python evaluate.py --init_from runs/fm_gpu/$name/ckpt.pt --dataset fashion_mnist \
           --data_path .devdata/fm --seed ${SEED:-0} --metrics knn,kmeans --kmeans_seeds 5 --out_dir runs/fm_gpu/eval_$name ${FM_FLAGS:-}
