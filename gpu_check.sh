@@ -5,14 +5,16 @@
 #   mkdir -p .devdata/fmgz && cp /usr/share/datasets/fashion-mnist/*.gz .devdata/fmgz/ && cp -r ../shared/data/cifar10-5k .devdata/
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
 # PARTS picks and orders the parts. Default "fmsweep" (at most 580 s; run it with timeout_s 595): the full
-# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants (8.0 minutes alone on an H200, session 5), and
-# beside it the VARIANTS, each starting once its input checkpoint is done. The default variant is the recipe's stages
-# 2 and 3 on the CLS token (--pooling cls): the MAE's CLS clusters ~8 k-means points above its mean pooling
-# (RESULTS.md). Seeds 0 and 1 are in RESULTS.md: run the next with SEED=2. VARIANTS= runs the chain alone; RNG=1 adds
-# the CUDA-graph seeding check. A second call on the still-warm machine (idle release ~30 s) can run PARTS=variants
-# from the same checkpoints. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md): vitt (ViT-T benchmarks,
-# CUDA graphs), vitb (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3 shorten the chain, FM_FLAGS go
-# to every stage.
+# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants (~8 minutes alone on an H200, session 5), and
+# beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
+# starting once its input checkpoint is done. Seeds 0 and 1 are in RESULTS.md; the next device session:
+#   call 1: SEED=2 OUT=$OUT bash gpu_check.sh                                       (timeout_s 595)
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), from call 1's checkpoints:
+#     SEED=2 PARTS=variants T5=240 VARIANTS="cls|--crop_min 0.5 --epochs 40|--pooling cls" OUT=$OUT bash gpu_check.sh
+# The CLS arm trains stages 2 and 3 on the CLS token: the MAE's CLS clusters ~8 k-means points above its mean pooling
+# (RESULTS.md). RNG=1 adds the CUDA-graph seeding check. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
+# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3
+# shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu_check}
@@ -25,8 +27,9 @@ mkdir -p .devdata/fm/FashionMNIST/raw
 for f in .devdata/fmgz/*.gz; do gunzip -c "$f" > ".devdata/fm/FashionMNIST/raw/$(basename "$f" .gz)"; done
 
 PARTS=${PARTS:-fmsweep}
-# name|stage-3 flags[|stage-2 flags]; stage 3 always gets --queue_size 16384 --topk 20 --batch_size 1024 as the recipe
-VARIANTS=${VARIANTS-cls|--crop_min 0.5 --epochs 40|--pooling cls}
+# name|stage-3 flags[|stage-2 flags];... Stage 3 always gets --queue_size 16384 --topk 20 --batch_size 1024 (the recipe)
+# before the flags, so a variant's own flags win.
+VARIANTS=${VARIANTS:-}
 
 vitt() {  # ViT-T/4 on 32 px, batch 1024: the MAE step and the real path (in-memory data + GPU aug + step), then
           # both again with CUDA graphs (torch.compile mode reduce-overhead): the same-run ratio is what counts.
@@ -74,41 +77,46 @@ await() {  # await FILE: 0 once FILE exists; 1 if it does not and the chain (pid
 fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on the same GPU, each starting as soon
              # as its input (the chain's stage-1 or stage-2 checkpoint) is done. Every number is also printed into
              # OUT/*.log, so a call cut off before the tarballs loses none.
-  END=$((SECONDS + ${T5:-580}))
+  local END=$((SECONDS + ${T5:-580}))
   rm -rf runs/fm_gpu
   timeout "$(left)" env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
       bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
   CHAIN=$!
-  variants
+  variants "$END"
   wait $CHAIN
+  CHAIN=
   tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
 }
-variants() {  # stage-3 variants, one process each, all at once: VARIANTS="name|stage-3 flags[|stage-2 flags];...".
-              # Without stage-2 flags a variant tunes fmsweep's stage-2 head (runs/fm_gpu/head, kept on a warm
-              # machine); with them it first trains its own head from the chain's stage 1 (the recipe's stage 2 plus
-              # those flags). Evaluated with k-NN and k-means. The first also runs the seeding check first when
-              # RNG=1 (it passed in session 4). Processes share the GPU: their seconds are not clean timings.
-  END=${END:-$((SECONDS + ${T5:-580}))}
-  local pids=() first=1 v
+variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARIANTS="name|stage-3 flags[|stage-2
+              # flags];...". Without stage-2 flags a variant tunes fmsweep's stage-2 head (runs/fm_gpu/head, kept on a
+              # warm machine); with them it first trains its own head from the chain's stage 1 (the recipe's stage 2,
+              # E2 epochs, plus those flags). Evaluated with k-NN and k-means. The first runs the seeding check once
+              # its input is there when RNG=1 (it passed in session 4). Processes share the GPU: their seconds are
+              # not clean timings.
+  local END=${1:-$((SECONDS + ${T5:-580}))}
+  local pids=() first=1 v name flags hflags
   local run="--dataset fashion_mnist --data_path .devdata/fm --seed ${SEED:-0} --queue_size 16384 --batch_size 1024"
   IFS=';' read -ra vs <<< "${VARIANTS:-}"
   for v in "${vs[@]}"; do
-    if [[ $v != *"|"* ]]; then echo "variants: '$v' is not name|flags, skipped"; continue; fi
-    local name flags hflags
     IFS='|' read -r name flags hflags <<< "$v"
-    ( if [ $first = 1 ] && [ "${RNG:-0}" = 1 ]; then rng; fi
-      head=runs/fm_gpu/head
+    name=${name// /}
+    if [[ $v != *"|"* || -z $name ]]; then echo "variants: '$v' is not name|flags, skipped"; continue; fi
+    ( head=runs/fm_gpu/head
       if [ -n "$hflags" ]; then
         await runs/fm_gpu/mae/DONE || { echo "variants: $name: the chain's stage 1 did not finish"; exit 1; }
-        head=runs/fm_gpu/head_$name
-        timeout "$(left)" python init_head.py $run --init_from runs/fm_gpu/mae/ckpt.pt --out_dir $head $hflags ${FM_FLAGS:-} || exit 1
       else
         await runs/fm_gpu/head/DONE || { echo "variants: $name: the chain's stage 2 did not finish"; exit 1; }
       fi
-      timeout "$(left)" python contrastive_tune.py $run --topk 20 --init_from $head/ckpt.pt \
-          --out_dir runs/fm_gpu/$name $flags ${FM_FLAGS:-} \
-        && timeout "$(left)" python evaluate.py --init_from runs/fm_gpu/$name/ckpt.pt --dataset fashion_mnist \
-          --data_path .devdata/fm --seed ${SEED:-0} --metrics knn,kmeans --kmeans_seeds 5 --out_dir runs/fm_gpu/eval_$name ${FM_FLAGS:-}
+      if [ $first = 1 ] && [ "${RNG:-0}" = 1 ]; then rng; fi
+      if [ -n "$hflags" ]; then
+        head=runs/fm_gpu/head_$name
+        timeout "$(left)" python init_head.py $run --epochs "${E2:-20}" --init_from runs/fm_gpu/mae/ckpt.pt \
+            --out_dir "$head" $hflags ${FM_FLAGS:-} || { echo "variants: $name: stage 2 failed or ran out of time"; exit 1; }
+      fi
+      timeout "$(left)" python contrastive_tune.py $run --topk 20 --init_from "$head/ckpt.pt" \
+          --out_dir "runs/fm_gpu/$name" $flags ${FM_FLAGS:-} || { echo "variants: $name: stage 3 failed or ran out of time"; exit 1; }
+      timeout "$(left)" python evaluate.py --init_from "runs/fm_gpu/$name/ckpt.pt" --dataset fashion_mnist \
+          --data_path .devdata/fm --seed ${SEED:-0} --metrics knn,kmeans --kmeans_seeds 5 --out_dir "runs/fm_gpu/eval_$name" ${FM_FLAGS:-}
     ) > "$OUT/$name.log" 2>&1 &
     pids+=($!); first=0
   done
