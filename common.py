@@ -3,6 +3,7 @@
 Kept small on purpose: a stage script should still read top to bottom without jumping here often.
 """
 import contextlib
+import gc
 import json
 import math
 import os
@@ -41,6 +42,10 @@ def main_guard(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
+            # DDP's reducer and the last autograd graph sit in reference cycles; left to the collector at
+            # interpreter exit they are freed after the process group is gone, and a gloo rank then aborts
+            # ("terminate called without an active exception") in ~1 of 10 CPU runs. Collect them first.
+            gc.collect()
             dist.destroy_process_group()
 
 

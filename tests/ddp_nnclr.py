@@ -1,6 +1,7 @@
 """Helper for test_contrastive.py, run under `torchrun --nproc_per_node=2`: one NNCLR step of MAECT on this
 rank's half of a fixed batch, through common.ddp and common.gather exactly as the stage scripts do. Saves the
 loss (averaged over ranks), the gradients after DDP's all-reduce and the queue after the enqueue to OUT."""
+import gc
 import sys
 
 import torch
@@ -28,6 +29,7 @@ if rank == 0:
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     torch.save(dict(loss=mean_loss / world, grads=grads, queue=model.queue.state_dict(),
                     bn={k: v for k, v in model.state_dict().items() if "running" in k}), out)
-del ddp
+del ddp, loss
+gc.collect()  # free DDP's reference cycles while the process group lives (common.main_guard says why)
 dist.barrier()
 dist.destroy_process_group()
