@@ -1,0 +1,74 @@
+"""gpu_check.sh's orchestration (a lent GPU gives ~15 minutes, so a wiring mistake there costs a whole session):
+run in a copy of the scripts with a fake `python` that records every stage call and writes the files a stage
+would, so the order, the flags and the failure lines are checked on CPU in seconds."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO
+
+FAKE = """#!/bin/bash
+case "$1" in -c|-|-m) exec {real} "$@";; esac
+echo "$*" >> "$CALLS"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "--out_dir" ] && out=$a; prev=$a; done
+case "$1 $*" in *"--fail_here"*) exit 1;; esac
+mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "mean", "knn10": 1.0}}' > "$out/results.json"
+"""
+
+
+def run_gpu_check(tmp_path, **env):
+    work = tmp_path / "repo"
+    work.mkdir(parents=True)
+    for f in ("gpu_check.sh", "reproduce.sh"):
+        shutil.copy(REPO / f, work / f)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python").write_text(FAKE.format(real=sys.executable))
+    (bin_ / "python").chmod(0o755)
+    calls = tmp_path / "calls.log"
+    calls.touch()
+    out = tmp_path / "out"
+    full = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), **env}
+    r = subprocess.run(["bash", str(work / "gpu_check.sh")], capture_output=True, text=True, timeout=120, env=full)
+    assert r.returncode == 0 and "gpu_check done" in r.stdout, r.stdout + r.stderr
+    return [line.split() for line in calls.read_text().splitlines()], out
+
+
+def flag(call, name):
+    return call[call.index(name) + 1]
+
+
+def test_fmsweep_runs_the_chain_and_a_variant_with_its_own_head(tmp_path):
+    calls, out = run_gpu_check(tmp_path, SEED="2", E2="3",
+                               VARIANTS="cls|--crop_min 0.5 --epochs 40|--pooling cls; b|--epochs 2")
+    scripts = [c[0] for c in calls]
+    # the chain: stage 1, its evaluation, stage 2, MAE-CT and MAE-CT_aug with their evaluations
+    assert scripts.count("pretrain_mae.py") == 1 and scripts.count("contrastive_tune.py") == 4
+    cls_head = next(c for c in calls if c[0] == "init_head.py" and flag(c, "--out_dir").endswith("head_cls"))
+    assert flag(cls_head, "--pooling") == "cls" and flag(cls_head, "--epochs") == "3"  # E2 reaches the variant
+    assert flag(cls_head, "--init_from") == "runs/fm_gpu/mae/ckpt.pt" and flag(cls_head, "--seed") == "2"
+    cls_ct = next(c for c in calls if c[0] == "contrastive_tune.py" and flag(c, "--out_dir") == "runs/fm_gpu/cls")
+    assert flag(cls_ct, "--init_from") == "runs/fm_gpu/head_cls/ckpt.pt"
+    # the variant's own flags come after the recipe's, so they win (argparse keeps the last)
+    assert cls_ct.index("--crop_min") > cls_ct.index("--topk") and flag(cls_ct, "--epochs") == "40"
+    b_ct = next(c for c in calls if c[0] == "contrastive_tune.py" and flag(c, "--out_dir") == "runs/fm_gpu/b")
+    assert flag(b_ct, "--init_from") == "runs/fm_gpu/head/ckpt.pt"  # no stage-2 flags: the chain's head
+    assert calls.index(b_ct) > next(i for i, c in enumerate(calls) if c[0] == "init_head.py"
+                                    and flag(c, "--out_dir") == "runs/fm_gpu/head")  # it waited for that head
+    evals = [flag(c, "--out_dir") for c in calls if c[0] == "evaluate.py"]
+    assert "runs/fm_gpu/eval_cls" in evals and "runs/fm_gpu/eval_b" in evals
+    assert (out / "fm.log").exists() and (out / "cls.log").exists()
+
+
+def test_variants_without_the_chain_say_why_and_a_failed_stage_is_named(tmp_path):
+    calls, out = run_gpu_check(tmp_path, PARTS="variants", VARIANTS="a|--epochs 3;b|--epochs 2|--pooling cls")
+    assert calls == []  # nothing to start from: no stage is run
+    assert "the chain's stage 2 did not finish" in (out / "a.log").read_text()
+    assert "the chain's stage 1 did not finish" in (out / "b.log").read_text()
+
+    calls, out = run_gpu_check(tmp_path / "2", VARIANTS="bad|--epochs 2 --fail_here")
+    assert "variants: bad: stage 3 failed or ran out of time" in (out / "bad.log").read_text()
+    assert not any(c[0] == "evaluate.py" and flag(c, "--out_dir").endswith("eval_bad") for c in calls)
