@@ -44,7 +44,7 @@ def main_guard(main):
         if dist.is_initialized():
             # DDP's reducer and the last autograd graph sit in reference cycles; left to the collector at
             # interpreter exit they are freed after the process group is gone, and a gloo rank then aborts
-            # ("terminate called without an active exception") in ~1 of 10 CPU runs. Collect them first.
+            # ("terminate called without an active exception") in 1 of 5 to 10 CPU runs. Collect them first.
             gc.collect()
             dist.destroy_process_group()
 

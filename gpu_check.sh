@@ -9,7 +9,8 @@
 # beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
 # starting once its input checkpoint is done. Seeds 0 and 1 are in RESULTS.md; the next device session:
 #   call 1: SEED=2 OUT=$OUT bash gpu_check.sh                                       (timeout_s 595)
-#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), from call 1's checkpoints:
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), from call 1's checkpoints
+#   (~3 minutes; timeout_s T5 + 15, and T5 lowered to fit what status says is left of the 900 s):
 #     SEED=2 PARTS=variants T5=240 VARIANTS="cls|--crop_min 0.5 --epochs 40|--pooling cls" OUT=$OUT bash gpu_check.sh
 # The CLS arm trains stages 2 and 3 on the CLS token: the MAE's CLS clusters ~8 k-means points above its mean pooling
 # (RESULTS.md). RNG=1 adds the CUDA-graph seeding check. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
@@ -101,6 +102,7 @@ variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARI
     IFS='|' read -r name flags hflags <<< "$v"
     name=${name// /}
     if [[ $v != *"|"* || -z $name ]]; then echo "variants: '$v' is not name|flags, skipped"; continue; fi
+    case $name in mae|head|ct|ct_aug|eval_*|head_*) echo "variants: '$name' is a folder of the chain, skipped"; continue ;; esac
     ( head=runs/fm_gpu/head
       if [ -n "$hflags" ]; then
         await runs/fm_gpu/mae/DONE || { echo "variants: $name: the chain's stage 1 did not finish"; exit 1; }
@@ -120,8 +122,9 @@ variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARI
     ) > "$OUT/$name.log" 2>&1 &
     pids+=($!); first=0
   done
-  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"  # (a bare wait would also wait for fmsweep's chain)
-  tar czf "$OUT/variants.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
+  [ ${#pids[@]} -gt 0 ] || return 0
+  wait "${pids[@]}"  # (a bare wait would also wait for fmsweep's chain)
+  [ -n "${CHAIN:-}" ] || tar czf "$OUT/variants.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null  # fmsweep archives its own
 }
 fmquick() {  # a short Fashion-MNIST chain with the recipe's CUDA graphs: does every stage run, and how fast
   rm -rf runs/fm_quick

@@ -14,7 +14,7 @@ case "$1" in -c|-|-m) exec {real} "$@";; esac
 echo "$*" >> "$CALLS"
 out=""; prev=""
 for a in "$@"; do [ "$prev" = "--out_dir" ] && out=$a; prev=$a; done
-case "$1 $*" in *"--fail_here"*) exit 1;; esac
+case "$1 $*" in *"--fail_here"*|"$FAIL_SCRIPT "*) exit 1;; esac
 mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "mean", "knn10": 1.0}}' > "$out/results.json"
 """
 
@@ -31,10 +31,14 @@ def run_gpu_check(tmp_path, **env):
     calls = tmp_path / "calls.log"
     calls.touch()
     out = tmp_path / "out"
-    full = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), **env}
+    # gpu_check's own settings come from the test only, never from the environment the tests run in
+    knobs = {"PARTS", "VARIANTS", "T5", "RNG", "SEED", "E1", "E2", "E3", "AUG", "FM_FLAGS", "STEPS", "EVAL", "RUN"}
+    full = {k: v for k, v in os.environ.items() if k not in knobs}
+    full.update({"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), "FAIL_SCRIPT": "none",
+                 **env})
     r = subprocess.run(["bash", str(work / "gpu_check.sh")], capture_output=True, text=True, timeout=120, env=full)
     assert r.returncode == 0 and "gpu_check done" in r.stdout, r.stdout + r.stderr
-    return [line.split() for line in calls.read_text().splitlines()], out
+    return [line.split() for line in calls.read_text().splitlines()], out, r.stdout
 
 
 def flag(call, name):
@@ -42,7 +46,7 @@ def flag(call, name):
 
 
 def test_fmsweep_runs_the_chain_and_a_variant_with_its_own_head(tmp_path):
-    calls, out = run_gpu_check(tmp_path, SEED="2", E2="3",
+    calls, out, _ = run_gpu_check(tmp_path, SEED="2", E2="3",
                                VARIANTS="cls|--crop_min 0.5 --epochs 40|--pooling cls; b|--epochs 2")
     scripts = [c[0] for c in calls]
     # the chain: stage 1, its evaluation, stage 2, MAE-CT and MAE-CT_aug with their evaluations
@@ -64,11 +68,20 @@ def test_fmsweep_runs_the_chain_and_a_variant_with_its_own_head(tmp_path):
 
 
 def test_variants_without_the_chain_say_why_and_a_failed_stage_is_named(tmp_path):
-    calls, out = run_gpu_check(tmp_path, PARTS="variants", VARIANTS="a|--epochs 3;b|--epochs 2|--pooling cls")
+    calls, out, stdout = run_gpu_check(tmp_path, PARTS="variants",
+                                       VARIANTS="a|--epochs 3;b|--epochs 2|--pooling cls;head|--epochs 2")
     assert calls == []  # nothing to start from: no stage is run
+    assert "'head' is a folder of the chain, skipped" in stdout
     assert "the chain's stage 2 did not finish" in (out / "a.log").read_text()
     assert "the chain's stage 1 did not finish" in (out / "b.log").read_text()
 
-    calls, out = run_gpu_check(tmp_path / "2", VARIANTS="bad|--epochs 2 --fail_here")
+    calls, out, _ = run_gpu_check(tmp_path / "2", VARIANTS="bad|--epochs 2 --fail_here")
     assert "variants: bad: stage 3 failed or ran out of time" in (out / "bad.log").read_text()
     assert not any(c[0] == "evaluate.py" and flag(c, "--out_dir").endswith("eval_bad") for c in calls)
+
+
+def test_a_variant_stops_waiting_when_the_chain_dies_before_its_input(tmp_path):
+    # the chain's stage 2 fails, so runs/fm_gpu/head/DONE never appears: the variant must give up, not hang
+    calls, out, _ = run_gpu_check(tmp_path, FAIL_SCRIPT="init_head.py", VARIANTS="a|--epochs 2")
+    assert "variants: a: the chain's stage 2 did not finish" in (out / "a.log").read_text()
+    assert not any(c[0] == "contrastive_tune.py" for c in calls)
