@@ -21,6 +21,10 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
         assert (run / stage / "ckpt.pt").exists() and (run / stage / "DONE").exists()
     table = (run / "table.md").read_text()
     assert "| MAE |" in table and "| MAE-CT |" in table and "| MAE-CT_aug |" in table
+    # the MAE's other pooling (stage 3 tunes the mean of the patch tokens for ViT-nano) is shown too, with its own numbers
+    cls_row = next(line for line in table.splitlines() if line.startswith("| MAE (CLS token) |"))
+    mae = json.loads((run / "eval_mae" / "results.json").read_text())
+    assert mae["pooling"] == "mean" and cls_row.split("|")[2].strip() == f"{mae['cls']['knn10']:.1f}"
     # both stage-3 variants start from the one stage-2 head; only the views (and the head's lr) differ
     a, b = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("ct", "ct_aug"))
     assert a["init_from"] == b["init_from"] == str(run / "head" / "ckpt.pt")
