@@ -101,8 +101,8 @@ secs = {s: open(f"{run}/{s}/DONE").read().strip() for s in ("mae", "head", "ct",
 # better-clustering feature of the MAE (the CLS token on Fashion-MNIST, RESULTS.md), so MAE-CT must beat it as well.
 pooling = res["eval_mae"].get("pooling")
 other = [p for p in ("cls", "mean") if p != pooling and isinstance(res["eval_mae"].get(p), dict)]
-table = [("MAE", res["eval_mae"])] + [(f"MAE ({dict(cls='CLS token', mean='mean pooling')[p]})", res["eval_mae"][p])
-                                     for p in other]
+label = {"cls": "CLS token", "mean": "mean pooling"}
+table = [("MAE", res["eval_mae"])] + [(f"MAE ({label[p]})", res["eval_mae"][p]) for p in other]
 table += [(name, res[d]) for name, d in rows if name != "MAE"]
 lines = [f"{run}: pooling {pooling}; stage seconds " + ", ".join(f"{k} {v}" for k, v in secs.items()),
          "", "| | " + " | ".join(n for _, n in keys) + " |", "|---" * (len(keys) + 1) + "|"]

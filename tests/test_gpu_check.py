@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.conftest import REPO
 
 FAKE = """#!/bin/bash
 case "$1" in -c|-|-m) exec {real} "$@";; esac
