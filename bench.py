@@ -2,8 +2,8 @@
 
 Times each stage's step (MAE, head init, contrastive tuning) and evaluate.py's feature extraction on synthetic
 input, after warm-up and compilation, as the median over several timed runs (CUDA events on GPU). Prints img/s,
-step ms, MFU (FLOPs counted with torch.utils.flop_counter against a matmul rate measured in the same run) and
-peak memory. `--end_to_end` adds the real path (in-memory dataset + batched augmentation + step) on a dataset.
+step ms, GFLOP per image and MFU (FLOPs counted with torch.utils.flop_counter on an eager copy of the step,
+against a matmul rate measured in the same run) and peak memory. `--end_to_end` adds the real path (in-memory dataset + batched augmentation + step) on a dataset.
 `--baseline` adds an MAE built from timm's Block, trained as facebookresearch/mae ships it (fp16 autocast with
 a GradScaler, unfused AdamW, eager, loss.item() and a synchronize every step) and the same model in bf16
 compiled, so the ratio to the official recipe is measured on the same card in the same run.
@@ -158,7 +158,7 @@ def build_mae(blocks_from_timm=False):
     return init_weights(model).to(dev)
 
 
-def nnclr_step(stage):
+def nnclr_step(stage, compile=True):
     """One step of init_head.py (stage 'head': whole encoder frozen) or contrastive_tune.py ('ct')."""
     model = MAECT(cfg, args.queue_size, cfg["pooling"], target=stage == "ct")
     init_weights(model)
@@ -175,7 +175,7 @@ def nnclr_step(stage):
         groups = common.decay_groups(model.head.named_parameters(), 1e-5)
     opt = common.adamw(groups, (0.9, 0.999), dev)
     common.set_lr(opt, 1e-4)
-    if args.compile:
+    if args.compile and compile:
         model.encoder.compile()
         model.head.compile()
     v0, v1, idx = images(), images(), torch.arange(B, device=dev)
@@ -192,9 +192,9 @@ def nnclr_step(stage):
     return step
 
 
-def features_step():
+def features_step(compile=True):
     enc = MaskedAutoencoder(**cfg).to(dev).eval()
-    fwd = torch.compile(enc.forward_features) if args.compile else enc.forward_features
+    fwd = torch.compile(enc.forward_features) if args.compile and compile else enc.forward_features
     x = images()
 
     @torch.no_grad()
@@ -252,7 +252,7 @@ def bench(name, make, flops_make=None):
         proc.print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return
     row = dict(name=name, model=args.model, img=args.img_size, batch=B, img_s=round(B / sec, 1), step_ms=round(sec * 1e3, 2),
-               mfu=round(flops / sec / rate, 3) if flops else None,
+               gflop_img=round(flops / B / 1e9, 3) if flops else None, mfu=round(flops / sec / rate, 3) if flops else None,
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
     rows.append(row)
     proc.print(json.dumps(row))
@@ -271,11 +271,11 @@ if "mae" in stages:
         return mae_step(torch.compile(model, mode=args.compile_mode) if args.compile else model, opt, proc.autocast)
     bench("mae (ours)" + (f", {args.compile_mode}" if args.compile and args.compile_mode else ""), ours, eager_mae)
 if "head" in stages:
-    bench("head init (ours)", lambda: nnclr_step("head"), False)
+    bench("head init (ours)", lambda: nnclr_step("head"), lambda: nnclr_step("head", compile=False))
 if "ct" in stages:
-    bench("contrastive tuning (ours)", lambda: nnclr_step("ct"), False)
+    bench("contrastive tuning (ours)", lambda: nnclr_step("ct"), lambda: nnclr_step("ct", compile=False))
 if "features" in stages:
-    bench("feature extraction (ours)", features_step, False)
+    bench("feature extraction (ours)", features_step, lambda: features_step(compile=False))
 if args.baseline:
     def official(compiled):
         model = build_mae(blocks_from_timm=True)
@@ -290,10 +290,11 @@ if args.baseline:
 if args.end_to_end:
     bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step)", e2e_step, False)
 
-proc.print("\n| stage | model | img | batch | img/s | step ms | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|")
+proc.print("\n| stage | model | img | batch | img/s | step ms | GFLOP/img | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+dash = lambda v: "-" if v is None else v
 for r in rows:
     proc.print(f"| {r['name']} | {r['model']} | {r['img']} | {r['batch']} | {r['img_s']:,.0f} | {r['step_ms']} | "
-               f"{r['mfu'] if r['mfu'] is not None else '-'} | {r['peak_gib'] if r['peak_gib'] is not None else '-'} |")
+               f"{dash(r['gflop_img'])} | {dash(r['mfu'])} | {dash(r['peak_gib'])} |")
 if args.json:
     with open(args.json, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,

@@ -7,13 +7,16 @@
 # PARTS picks and orders the parts. Default "fmsweep" (at most 580 s; run it with timeout_s 595): the full
 # Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants (~8 minutes alone on an H200, session 5), and
 # beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
-# starting once its input checkpoint is done. Seeds 0 and 1 are in RESULTS.md; the next device session:
-#   call 1: SEED=2 OUT=$OUT bash gpu_check.sh                                       (timeout_s 595)
-#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), from call 1's checkpoints
-#   (~3 minutes; timeout_s T5 + 15, and T5 lowered to fit what status says is left of the 900 s):
-#     SEED=2 PARTS=variants T5=240 VARIANTS="cls|--crop_min 0.5 --epochs 40|--pooling cls" OUT=$OUT bash gpu_check.sh
-# The CLS arm trains stages 2 and 3 on the CLS token: the MAE's CLS clusters ~8 k-means points above its mean pooling
-# (RESULTS.md). RNG=1 adds the CUDA-graph seeding check. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
+# starting once its input checkpoint is done. Seeds 0, 1, 2 of the recipe are in RESULTS.md, and for seed 2 stages 2-3
+# on the CLS token (k-means 64.0 against 60.2, one seed). The next device session confirms that on seed 0 (POOLING
+# reaches reproduce.sh), with the mean-pooled arm beside it from the same stage 1 for a paired comparison:
+#   call 1: SEED=0 POOLING=cls VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean" OUT=$OUT bash gpu_check.sh
+#           (timeout_s 595; session 6's call of this shape, seed 2, took 524 s)
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), from call 1's stage 1 (~2.5 min;
+#   timeout_s T5 + 15, T5 lowered to fit what status says is left of the 900 s), the mean arm with colour views:
+#     SEED=0 PARTS=variants T5=200 VARIANTS="meanaug|--crop_min 0.5 --epochs 40 --views aug --head_blr 5e-4 --warmup_epochs 8|--pooling mean" OUT=$OUT bash gpu_check.sh
+#   and seed 1 likewise in the session after.
+# RNG=1 adds the CUDA-graph seeding check. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
 set -uo pipefail

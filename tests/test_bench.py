@@ -13,4 +13,9 @@ def test_bench_cpu_smoke(tmp_path):
     assert [row["name"].split(" (")[0] for row in rows] == ["mae", "head init", "contrastive tuning", "feature extraction"]
     assert all(row["img_s"] > 0 and row["step_ms"] > 0 for row in rows)
     assert 0 < rows[0]["mfu"] < 2  # FLOPs were counted for the MAE step
+    # and for every other stage, each on its own step: the head stage runs the encoder forward on two views (plus the
+    # head), stage 3 adds the upper half's backward and the target projector, feature extraction is one forward
+    mae, head, ct, feats = (row["gflop_img"] for row in rows)
+    assert all(row["mfu"] > 0 for row in rows)
+    assert ct > head > 2 * feats > 0 and mae > 0
     assert "| mae (ours) |" in r.stdout

@@ -42,6 +42,22 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     r3 = subprocess.run(cmd, cwd=REPO, env=dict(env, E3="2"), capture_output=True, text=True, timeout=120)
     assert r3.returncode == 2 and r3.stderr.strip().splitlines()[-1].startswith(f"error: {run / 'ct'} was made with other settings")
     assert "contrastive_tune.py ->" not in r3.stdout and r3.stdout.count("skipped") == 3
+    # POOLING=cls: stages 2 and 3 tune the CLS token (the same stage 1, copied), and the table leads with the MAE's CLS
+    run_cls = tmp_path / "smoke_cls"
+    run_cls.mkdir()
+    for d in ("mae", "eval_mae"):
+        shutil.copytree(run / d, run_cls / d)
+    r4 = subprocess.run(cmd, cwd=REPO, env=dict(env, RUN=str(run_cls), POOLING="cls", AUG="0"), capture_output=True,
+                        text=True, timeout=300)
+    assert r4.returncode == 0, r4.stdout[-2000:] + r4.stderr[-2000:]
+    assert "pretrain_mae.py ->" not in r4.stdout and not (run_cls / "ct_aug").exists()
+    assert load_ckpt(run_cls / "head" / "ckpt.pt")["args"]["pooling"] == "cls"
+    assert load_ckpt(run_cls / "ct" / "ckpt.pt")["args"]["pooling"] == "cls"
+    table = (run_cls / "table.md").read_text().splitlines()
+    row = lambda name: next(line for line in table if line.startswith(f"| {name} |")).split("|")[2].strip()
+    assert table[0].startswith(f"{run_cls}: pooling cls")
+    assert row("MAE") == f"{mae['cls']['knn10']:.1f}" and row("MAE (mean pooling)") == f"{mae['mean']['knn10']:.1f}"
+    assert row("MAE-CT") == f"{json.loads((run_cls / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
 
 
 def test_reproduce_rejects_unknown_recipe():
