@@ -32,7 +32,8 @@ def run_gpu_check(tmp_path, **env):
     calls.touch()
     out = tmp_path / "out"
     # gpu_check's own settings come from the test only, never from the environment the tests run in
-    knobs = {"PARTS", "VARIANTS", "T5", "RNG", "SEED", "E1", "E2", "E3", "AUG", "FM_FLAGS", "STEPS", "EVAL", "RUN"}
+    knobs = {"PARTS", "VARIANTS", "T5", "T6", "RNG", "SEED", "E1", "E2", "E3", "AUG", "FM_FLAGS", "STEPS", "EVAL", "RUN",
+             "POOLING"}
     full = {k: v for k, v in os.environ.items() if k not in knobs}
     full.update({"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), "FAIL_SCRIPT": "none",
                  **env})
@@ -85,3 +86,16 @@ def test_a_variant_stops_waiting_when_the_chain_dies_before_its_input(tmp_path):
     calls, out, _ = run_gpu_check(tmp_path, FAIL_SCRIPT="init_head.py", VARIANTS="a|--epochs 2")
     assert "variants: a: the chain's stage 2 did not finish" in (out / "a.log").read_text()
     assert not any(c[0] == "contrastive_tune.py" for c in calls)
+
+
+def test_the_next_sessions_calls_a_cls_chain_with_a_mean_arm_and_ctgraphs(tmp_path):
+    # call 1 of the header: POOLING reaches the chain's stage 2 (stage 3 takes the head's), the mean arm its own head
+    calls, _, _ = run_gpu_check(tmp_path, SEED="0", POOLING="cls", VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean")
+    heads = {flag(c, "--out_dir"): c for c in calls if c[0] == "init_head.py"}
+    assert flag(heads["runs/fm_gpu/head"], "--pooling") == "cls" and flag(heads["runs/fm_gpu/head_mean"], "--pooling") == "mean"
+    mean_ct = next(c for c in calls if c[0] == "contrastive_tune.py" and flag(c, "--out_dir") == "runs/fm_gpu/mean")
+    assert flag(mean_ct, "--init_from") == "runs/fm_gpu/head_mean/ckpt.pt"
+    # the issue-5 part: the same bench in the scripts' compile mode, then with CUDA graphs
+    calls, out, _ = run_gpu_check(tmp_path / "2", PARTS="ctgraphs")
+    assert [(c[0], flag(c, "--stages"), flag(c, "--compile_mode")) for c in calls] == [
+        ("bench.py", "head,ct", "default"), ("bench.py", "head,ct", "reduce-overhead")]
