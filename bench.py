@@ -245,6 +245,7 @@ proc.print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {to
 
 
 def bench(name, make, flops_make=None):
+    torch._dynamo.reset()  # each stage compiles afresh: no stage inherits another's guards (e.g. top-k as a dynamic int)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -253,13 +254,20 @@ def bench(name, make, flops_make=None):
         sec = time_step(step)
         if args.profile and not rows:
             profile(step)
-        flops = count_flops((flops_make or make)()) if flops_make is not False else None
     except Exception as e:  # one broken variant should not hide the others' numbers
         proc.print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None  # before the eager copy below
+    flops = None
+    if flops_make is not False:
+        del step
+        try:
+            flops = count_flops((flops_make or make)())
+        except Exception as e:  # e.g. out of memory for the eager copy: keep the timing
+            proc.print(f"{name}: FLOPs not counted: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     row = dict(name=name, model=args.model, img=args.img_size, batch=B, img_s=round(B / sec, 1), step_ms=round(sec * 1e3, 2),
                gflop_img=round(flops / B / 1e9, 3) if flops else None, mfu=round(flops / sec / rate, 3) if flops else None,
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+               peak_gib=peak)
     rows.append(row)
     proc.print(json.dumps(row))
 

@@ -12,11 +12,9 @@
 # reaches reproduce.sh), with the mean-pooled arm beside it from the same stage 1 for a paired comparison:
 #   call 1: SEED=0 POOLING=cls VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean" OUT=$OUT bash gpu_check.sh
 #           (timeout_s 595; session 6's call of this shape, seed 2, took 524 s)
-#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), from call 1's stage 1 (~2.5 min;
-#   timeout_s T5 + 15, T5 lowered to fit what status says is left of the 900 s), the mean arm with colour views:
-#     SEED=0 PARTS=variants T5=200 VARIANTS="meanaug|--crop_min 0.5 --epochs 40 --views aug --head_blr 5e-4 --warmup_epochs 8|--pooling mean" OUT=$OUT bash gpu_check.sh
-#   and seed 1 likewise in the session after. Where call 2 does not fit, or in its place if issue 5 goes first:
-#     PARTS=ctgraphs OUT=$OUT bash gpu_check.sh   (timeout_s 235: stages 2-3 with and without CUDA graphs, bench.py)
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 230 s (issue 5):
+#     PARTS=ctgraphs OUT=$OUT bash gpu_check.sh   (timeout_s 215: stage 3 with and without CUDA graphs, bench.py)
+#   and seed 1 like call 1 in the session after.
 # RNG=1 adds the CUDA-graph seeding check. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
@@ -130,11 +128,11 @@ variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARI
   wait "${pids[@]}"  # (a bare wait would also wait for fmsweep's chain)
   [ -n "${CHAIN:-}" ] || tar czf "$OUT/variants.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null  # fmsweep archives its own
 }
-ctgraphs() {  # issue 5: stages 2 and 3 as CUDA graphs. bench.py only (the stage scripts stay in the default mode):
-              # the whole forward (encoder, head, lookup, loss) as one graph, against the scripts' default-mode
-              # compile, ViT-T/4, batch 1024, back to back on the same card. Not yet run on a GPU.
+ctgraphs() {  # issue 5: stage 3 as CUDA graphs. bench.py only (the stage scripts stay in the default mode): the
+              # whole forward (encoder, head, lookup, loss) as one graph, against the scripts' default-mode compile,
+              # ViT-T/4, batch 1024, back to back on the same card. Not yet run on a GPU.
   for mode in default reduce-overhead; do
-    timeout "${T6:-110}" python bench.py --device cuda --model vit_tiny --batch_size 1024 --stages head,ct \
+    timeout "${T6:-100}" python bench.py --device cuda --model vit_tiny --batch_size 1024 --stages ct \
         --queue_size 16384 --compile_mode $mode --steps 20 --runs 3 --json "$OUT/bench_ct_$mode.json" 2>&1 | tee "$OUT/bench_ct_$mode.log"
   done
 }

@@ -14,7 +14,8 @@
 # (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3), STEPS (cap every
 # stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug), POOLING=cls|mean
 # (the encoder feature stages 2 and 3 tune and the table leads with; default the paper's for the model size: mean
-# of patch tokens for ViT-B and smaller). All visible GPUs are used through torchrun.
+# of patch tokens for ViT-B and smaller; set, it is part of stage 2's settings, so a run made without it is not
+# continued with it). All visible GPUs are used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error.
 set -euo pipefail
@@ -42,6 +43,10 @@ case $name in
   imagenet100)   data="--dataset imagefolder --img_size 224"; model=vit_base; e=(800 20 20); bs=(1024 1024 1024)
                  head="--queue_size 65536"; extra_ct="--topk 20"; mae_extra="--patch_size 16" ;;
   *) echo "error: unknown recipe '$name' (smoke, cifar10_5k, fashion_mnist, cifar10, cifar100, imagenet100)" >&2; exit 2 ;;
+esac
+case ${POOLING:-} in
+  ""|cls|mean) ;;
+  *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the model size's default)" >&2; exit 2 ;;
 esac
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}
 RUN=${RUN:-runs/${name}_s${SEED}}
@@ -102,10 +107,11 @@ secs = {s: open(f"{run}/{s}/DONE").read().strip() for s in ("mae", "head", "ct",
 # too: it can be the better-clustering feature of the MAE (the CLS token on Fashion-MNIST, RESULTS.md), so MAE-CT
 # must beat it as well.
 mae = res["eval_mae"]
-pooling = next((res[d]["pooling"] for d in ("eval_ct", "eval_ct_aug") if d in res), mae.get("pooling"))
-other = [p for p in ("cls", "mean") if p != pooling and isinstance(mae.get(p), dict)]
+by_pooling = {p: mae[p] for p in ("cls", "mean") if isinstance(mae.get(p), dict)} or {mae.get("pooling"): mae}
+pooling = next((res[d].get("pooling") for d in ("eval_ct", "eval_ct_aug") if d in res), mae.get("pooling"))
 label = {"cls": "CLS token", "mean": "mean pooling"}
-table = [("MAE", mae.get(pooling, mae))] + [(f"MAE ({label[p]})", mae[p]) for p in other]
+table = [("MAE" if p == pooling else f"MAE ({label.get(p, p)})", r) for p, r in by_pooling.items()]
+table.sort(key=lambda row: row[0] != "MAE")  # the pooling stages 2/3 tuned first
 table += [(name, res[d]) for name, d in rows if name != "MAE"]
 lines = [f"{run}: pooling {pooling}; stage seconds " + ", ".join(f"{k} {v}" for k, v in secs.items()),
          "", "| | " + " | ".join(n for _, n in keys) + " |", "|---" * (len(keys) + 1) + "|"]

@@ -12,8 +12,8 @@ from tests.conftest import REPO, load_ckpt
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_reproduce_smoke_chain_and_rerun(tmp_path):
     run = tmp_path / "smoke"
-    env = dict(os.environ, RUN=str(run), STEPS="3", OMP_NUM_THREADS="1",
-               EVAL="--metrics knn,kmeans --kmeans_seeds 2")
+    env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "AUG", "SEED", "E1", "E2", "E3"}}  # recipe knobs
+    env.update(RUN=str(run), STEPS="3", OMP_NUM_THREADS="1", EVAL="--metrics knn,kmeans --kmeans_seeds 2")
     cmd = ["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -60,6 +60,10 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     assert row("MAE-CT") == f"{json.loads((run_cls / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
 
 
-def test_reproduce_rejects_unknown_recipe():
+def test_reproduce_rejects_unknown_recipe_and_pooling(tmp_path):
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown recipe")
+    # a bad POOLING stops before stage 1, not after it (init_head.py would refuse it only then)
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, POOLING="CLS", RUN=str(tmp_path / "run")))
+    assert r.returncode == 2 and r.stderr.startswith("error: POOLING='CLS'") and not (tmp_path / "run").exists()
