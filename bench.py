@@ -15,6 +15,7 @@ compiled, so the ratio to the official recipe is measured on the same card in th
 Numbers measured so far are in BENCHMARKS.md.
 """
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -42,7 +43,8 @@ p.add_argument("--compile_mode", default=None, choices=["default", "reduce-overh
 p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
 p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length for the head/ct stages")
 p.add_argument("--baseline", action="store_true", help="also time an MAE from timm blocks with the official recipe (needs timm)")
-p.add_argument("--end_to_end", default=None, help="dataset for an end-to-end MAE run through data.ViewLoader (e.g. synthetic)")
+p.add_argument("--end_to_end", default=None, help="dataset for end-to-end runs through data.ViewLoader (e.g. synthetic): the MAE step, and stage 3 "
+                    "when ct is in --stages")
 p.add_argument("--data_path", default=None, help="dataset root for --end_to_end")
 p.add_argument("--profile", action="store_true", help="print the top operators (torch.profiler) of the first variant's step")
 p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -159,8 +161,9 @@ def build_mae(blocks_from_timm=False):
     return init_weights(model).to(dev)
 
 
-def nnclr_step(stage, compile=True):
-    """One step of init_head.py (stage 'head': whole encoder frozen) or contrastive_tune.py ('ct')."""
+def nnclr_step(stage, compile=True, batches=None, cfg=cfg):
+    """One step of init_head.py (stage 'head': whole encoder frozen) or contrastive_tune.py ('ct'), on one fixed
+    synthetic batch, or on the next (idx, [view0, view1]) of `batches` (the real data path)."""
     model = MAECT(cfg, args.queue_size, cfg["pooling"], target=stage == "ct")
     init_weights(model)
     depth = cfg["depth"]
@@ -184,11 +187,13 @@ def nnclr_step(stage, compile=True):
     elif args.compile and compile:  # as init_head.py and contrastive_tune.py do
         model.encoder.compile(mode=args.compile_mode)
         model.head.compile(mode=args.compile_mode)
-    v0, v1, idx = images(), images(), torch.arange(B, device=dev)
+    fixed = torch.arange(B, device=dev), [images(), images()]
+    batches = batches or iter(lambda: fixed, None)
 
     def step():
+        idx, views = next(batches)
         with proc.autocast():
-            loss, z0, _ = fwd([v0, v1], idx, 0.15, 1 if stage == "head" else 20)
+            loss, z0, _ = fwd(views, idx, 0.15, 1 if stage == "head" else 20)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -210,27 +215,32 @@ def features_step(compile=True):
     return step
 
 
-def e2e_step():
-    """MAE steps fed by the real data path: in-memory dataset on the device, batched crop+flip, then the step."""
+def endless(loader):
+    """(idx, views) batches of a data.ViewLoader, epoch after epoch."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        for idx, views, _ in loader:
+            yield idx, views
+
+
+def e2e_step(stage="mae"):
+    """Steps fed by the real data path: in-memory dataset on the device, batched crop+flip (two views for stage 3),
+    then the MAE step (stage 'mae') or the contrastive-tuning step ('ct')."""
     train = data.load_split(args.end_to_end, args.data_path, "train", args.img_size, None, 0)
     cfg_e = model_config(args.model, args.img_size, args.patch_size, train.channels)
+    views = "mae" if stage == "mae" else "minimal"
+    batches = endless(data.ViewLoader(train, B, views, 1 if stage == "mae" else 2, args.img_size, dev, num_workers=8))
+    if stage == "ct":
+        return nnclr_step("ct", batches=batches, cfg=cfg_e)
     model = init_weights(MaskedAutoencoder(**cfg_e)).to(dev)
     opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), (0.9, 0.95), dev)
     fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    loader = data.ViewLoader(train, B, "mae", 1, args.img_size, dev, num_workers=8)
-    state = dict(it=iter(loader), epoch=0)
 
     def step():
-        try:
-            _, views, _ = next(state["it"])
-        except StopIteration:
-            state["epoch"] += 1
-            loader.set_epoch(state["epoch"])
-            state["it"] = iter(loader)
-            _, views, _ = next(state["it"])
+        _, (x,) = next(batches)
         noise = torch.rand(B, model.grid ** 2, device=dev)
         with proc.autocast():
-            loss, _, _ = fwd(views[0], mask_ratio=0.75, noise=noise)
+            loss, _, _ = fwd(x, mask_ratio=0.75, noise=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -302,8 +312,10 @@ if args.baseline:
     bench("mae, official recipe (timm blocks, fp16, eager)", lambda: official(False), eager_mae)
     if args.compile:
         bench("mae, official code bf16 + compile", lambda: official(True), eager_mae)
-if args.end_to_end:
-    bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step)", e2e_step, False)
+if args.end_to_end and "mae" in stages:
+    bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step){mode}", e2e_step, False)
+if args.end_to_end and "ct" in stages:
+    bench(f"contrastive tuning end-to-end on {args.end_to_end} (two views + step){mode}", lambda: e2e_step("ct"), False)
 
 proc.print("\n| stage | model | img | batch | img/s | step ms | GFLOP/img | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
 dash = lambda v: "-" if v is None else v

@@ -12,8 +12,8 @@
 # reaches reproduce.sh), with the mean-pooled arm beside it from the same stage 1 for a paired comparison:
 #   call 1: SEED=0 POOLING=cls VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean" OUT=$OUT bash gpu_check.sh
 #           (timeout_s 595; session 6's call of this shape, seed 2, took 524 s)
-#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 230 s (issue 5):
-#     PARTS=ctgraphs OUT=$OUT bash gpu_check.sh   (timeout_s 215: stage 3 with and without CUDA graphs, bench.py)
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 270 s (issue 5):
+#     PARTS=ctgraphs OUT=$OUT bash gpu_check.sh   (timeout_s 255: stage 3 with and without CUDA graphs, bench.py)
 #   and seed 1 like call 1 in the session after.
 # RNG=1 adds the CUDA-graph seeding check. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3
@@ -130,10 +130,13 @@ variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARI
 }
 ctgraphs() {  # issue 5: stage 3 as CUDA graphs. bench.py only (the stage scripts stay in the default mode): the
               # whole forward (encoder, head, lookup, loss) as one graph, against the scripts' default-mode compile,
-              # ViT-T/4, batch 1024, back to back on the same card. Not yet run on a GPU.
+              # ViT-T/4 at Fashion-MNIST's 28 px, batch 1024, back to back on the same card: the step alone and fed
+              # by the real data path (two views cropped and flipped on the GPU), so the data path's share shows too.
+              # Not yet run on a GPU.
   for mode in default reduce-overhead; do
-    timeout "${T6:-100}" python bench.py --device cuda --model vit_tiny --batch_size 1024 --stages ct \
-        --queue_size 16384 --compile_mode $mode --steps 20 --runs 3 --json "$OUT/bench_ct_$mode.json" 2>&1 | tee "$OUT/bench_ct_$mode.log"
+    timeout "${T6:-120}" python bench.py --device cuda --model vit_tiny --img_size 28 --batch_size 1024 --stages ct \
+        --queue_size 16384 --compile_mode $mode --steps 20 --runs 3 --end_to_end fashion_mnist --data_path .devdata/fm \
+        --json "$OUT/bench_ct_$mode.json" 2>&1 | tee "$OUT/bench_ct_$mode.log"
   done
 }
 fmquick() {  # a short Fashion-MNIST chain with the recipe's CUDA graphs: does every stage run, and how fast
