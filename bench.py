@@ -3,7 +3,8 @@
 Times each stage's step (MAE, head init, contrastive tuning) and evaluate.py's feature extraction on synthetic
 input, after warm-up and compilation, as the median over several timed runs (CUDA events on GPU). Prints img/s,
 step ms, GFLOP per image and MFU (FLOPs counted with torch.utils.flop_counter on an eager copy of the step,
-against a matmul rate measured in the same run) and peak memory. `--end_to_end` adds the real path (in-memory dataset + batched augmentation + step) on a dataset.
+against a matmul rate measured in the same run) and peak memory. `--end_to_end` adds the real path (in-memory
+dataset + batched augmentation + step) on a dataset, for the MAE step and, with ct in --stages, for stage 3.
 `--baseline` adds an MAE built from timm's Block, trained as facebookresearch/mae ships it (fp16 autocast with
 a GradScaler, unfused AdamW, eager, loss.item() and a synchronize every step) and the same model in bf16
 compiled, so the ratio to the official recipe is measured on the same card in the same run.
@@ -43,8 +44,9 @@ p.add_argument("--compile_mode", default=None, choices=["default", "reduce-overh
 p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
 p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length for the head/ct stages")
 p.add_argument("--baseline", action="store_true", help="also time an MAE from timm blocks with the official recipe (needs timm)")
-p.add_argument("--end_to_end", default=None, help="dataset for end-to-end runs through data.ViewLoader (e.g. synthetic): the MAE step, and stage 3 "
-                    "when ct is in --stages")
+p.add_argument("--end_to_end", default=None,
+               help="dataset for end-to-end runs through data.ViewLoader (e.g. synthetic): the MAE step (mae in --stages) "
+                    "and stage 3 (ct in --stages)")
 p.add_argument("--data_path", default=None, help="dataset root for --end_to_end")
 p.add_argument("--profile", action="store_true", help="print the top operators (torch.profiler) of the first variant's step")
 p.add_argument("--json", default=None, help="also write the rows to this file")
