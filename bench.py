@@ -190,7 +190,7 @@ def nnclr_step(stage, compile=True, batches=None, cfg=cfg):
         model.encoder.compile(mode=args.compile_mode)
         model.head.compile(mode=args.compile_mode)
     fixed = torch.arange(B, device=dev), [images(), images()]
-    batches = batches or iter(lambda: fixed, None)
+    batches = batches or itertools.repeat(fixed)
 
     def step():
         idx, views = next(batches)
