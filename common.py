@@ -50,7 +50,7 @@ def main_guard(main):
 
 
 # ---------------------------------------------------------------- flags shared by every stage
-def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir):
+def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_help="passes over the training set"):
     """The flags every stage spells the same way; each script passes its own defaults."""
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="synthetic", help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated shapes, no download)")
@@ -59,7 +59,7 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir):
     g.add_argument("--data_on_gpu", type=int, default=None, choices=[0, 1], help="hold the uint8 dataset on the training device and augment there in batches (default: on for small datasets)")
     g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per process (file-backed datasets only)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
+    g.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     g.add_argument("--batch_size", type=int, default=batch_size, help="GLOBAL batch in images, split over all processes")
     g.add_argument("--blr", type=float, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
     g.add_argument("--warmup_epochs", type=float, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac * 100:.0f}%% of --epochs, as the paper)")

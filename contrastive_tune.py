@@ -5,7 +5,9 @@ positive of each view is drawn uniformly from the top-k (k = 20) nearest neighbo
 embedding in the queue: the lookup is the augmentation, so crop and flip are the only hand-made ones. The lower
 half (with patch embedding and CLS token) stays frozen in eval mode and runs without gradient; upper blocks get
 layer-wise decayed learning rates (0.65 per block from the top); an EMA of the projector (0.99) embeds the
-queries for the lookup and fills the queue.
+queries for the lookup and fills the queue. Settings that the paper changes with the model size follow the
+stage-2 checkpoint's model unless given: temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H); for H also
+target EMA 0.995 and 30 epochs instead of 20.
 
     # CPU smoke run
     python contrastive_tune.py --init_from runs/head_smoke/ckpt.pt --dataset synthetic --epochs 3 --out_dir runs/ct_smoke --device cpu
@@ -31,20 +33,34 @@ from init_head import add_head_args, check_queue, nn_accuracy
 from model import MAECT
 
 
+# The paper's stage-3 settings (SPEC, stage 3): the first line for B and smaller, then what L and H change.
+PAPER = dict(temperature=0.15, target_ema=0.99, epochs=20)
+PAPER_BY_MODEL = {"vit_large": dict(temperature=0.2), "vit_huge": dict(temperature=0.3, target_ema=0.995, epochs=30)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct")
-    add_head_args(p)
+    common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct",
+                           epochs_help="passes over the training set (default: the paper's, 20; 30 for H)")
+    add_head_args(p, temperature=None, temperature_help="default: the paper's for the model size, 0.15 B and smaller, 0.2 L, 0.3 H")
+    p.set_defaults(proj_hidden=None, proj_dim=None, pred_hidden=None)  # the head's shape comes from stage 2
     g = p.add_argument_group("contrastive tuning")
     g.add_argument("--topk", type=int, default=20, help="the positive is drawn uniformly from this many nearest neighbours (paper: 20; 1 = NNCLR)")
     g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen (default: half the depth)")
     g.add_argument("--layer_decay", type=float, default=0.65, help="block b trains at lr * layer_decay^(depth - b)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of the encoder")
     g.add_argument("--head_blr", type=float, default=1e-4, help="base lr of the head (paper: 1e-4; 5e-4 for MAE-CT_aug)")
-    g.add_argument("--target_ema", type=float, default=0.99, help="momentum of the target projector (paper: 0.99; 0.995 for H)")
+    g.add_argument("--target_ema", type=float, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
     g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 on ImageNet; 0 = off)")
     g.add_argument("--views", default="minimal", choices=["minimal", "aug"], help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug)")
     return p.parse_args(argv)
+
+
+def paper_defaults(args, model_name):
+    """Fill the flags left unset (temperature, target_ema, epochs) with the paper's values for this model size."""
+    for k, v in {**PAPER, **PAPER_BY_MODEL.get(model_name, {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 def param_groups(raw, args):
@@ -72,7 +88,11 @@ def main():
     prev = common.load_checkpoint(args.init_from, stages=["head"])
     cfg, head_args = prev["config"], prev["args"]
     for k in ("pooling", "proj_hidden", "proj_dim", "pred_hidden"):  # the head's shape comes from stage 2
+        if getattr(args, k) not in (None, head_args[k]):
+            raise common.UserError(f"--{k} {getattr(args, k)} differs from the stage-2 head in {args.init_from} "
+                                   f"({head_args[k]}); stage 3 tunes that head, so rerun stage 2 to change it")
         setattr(args, k, head_args[k])
+    paper_defaults(args, cfg["model"])
     args.img_size = args.img_size or cfg["img_size"]
     if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
         raise common.UserError(f"{args.init_from} was trained on {cfg['in_chans']}-channel {cfg['img_size']} px images; "

@@ -33,13 +33,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def add_head_args(p, temperature=0.15):
+def add_head_args(p, temperature=0.15, temperature_help="paper: 0.15"):
     """NNCLR flags, shared with contrastive_tune.py."""
     g = p.add_argument_group("NNCLR")
     g.add_argument("--init_from", required=True, help="checkpoint of the previous stage (or an official MAE .pth)")
     g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS (default: the paper's choice for the model size)")
     g.add_argument("--queue_size", type=int, default=None, help="queue length; a multiple of the global batch (default: min(65536, train size) rounded down to one)")
-    g.add_argument("--temperature", type=float, default=temperature, help="softmax temperature of the NNCLR loss (paper: 0.15 B, 0.2 L, 0.3 H)")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"softmax temperature of the NNCLR loss ({temperature_help})")
     g.add_argument("--proj_hidden", type=int, default=2048, help="projector hidden width")
     g.add_argument("--proj_dim", type=int, default=256, help="embedding width (projector output, queue entries)")
     g.add_argument("--pred_hidden", type=int, default=4096, help="predictor hidden width")

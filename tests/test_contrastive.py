@@ -252,6 +252,7 @@ def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):
     before = torch.load(chain / "head" / "ckpt.pt", weights_only=True)["model"]
     after = torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)
     assert after["stage"] == "ct"
+    assert (after["args"]["temperature"], after["args"]["target_ema"]) == (0.15, 0.99)  # the paper's, for nano as B
     for k, v in before.items():
         if not k.startswith("encoder.") or "pos_embed" in k:
             continue
@@ -262,6 +263,32 @@ def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):
     d_online = (after["model"]["head.projector.0.weight"] - w0).norm()
     d_target = (after["model"]["target_projector.0.weight"] - w0).norm()
     assert 0 < d_target < d_online
+
+
+def test_paper_defaults_follow_the_model_size():
+    from contrastive_tune import paper_defaults
+    unset = dict(temperature=None, target_ema=None, epochs=None)
+    expected = {"vit_nano": (0.15, 0.99, 20), "vit_base": (0.15, 0.99, 20), "vit_large": (0.2, 0.99, 20),
+                "vit_huge": (0.3, 0.995, 30)}  # SPEC, stage 3
+    for name, values in expected.items():
+        args = argparse.Namespace(**unset)
+        paper_defaults(args, name)
+        assert (args.temperature, args.target_ema, args.epochs) == values, name
+    given = argparse.Namespace(temperature=0.5, target_ema=0.9, epochs=3)
+    paper_defaults(given, "vit_huge")
+    assert (given.temperature, given.target_ema, given.epochs) == (0.5, 0.9, 3)  # flags win
+
+
+def test_stage3_takes_the_size_defaults_from_the_checkpoint(chain, tmp_path):
+    """The model size is read from the stage-2 checkpoint: a head labelled ViT-H runs with H's settings."""
+    ckpt = torch.load(chain / "head" / "ckpt.pt", weights_only=True)
+    ckpt["config"]["model"] = "vit_huge"  # the weights stay nano-sized; only the label changes
+    torch.save(ckpt, tmp_path / "head_h.pt")
+    r = run("contrastive_tune.py", "--init_from", tmp_path / "head_h.pt", "--dataset", "synthetic", "--batch_size", "64",
+            "--max_steps", "1", "--out_dir", tmp_path / "ct", "--device", "cpu", "--topk", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)["args"]
+    assert (args["temperature"], args["target_ema"], args["epochs"], args["warmup_epochs"]) == (0.3, 0.995, 30, 6.0)
 
 
 def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
@@ -312,7 +339,10 @@ def test_bad_input(chain, tmp_path):
     assert_refused(ct(chain, out, "--topk", "100000"), out, "larger than the queue")
     assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
     assert_refused(ct(chain, out, "--crop_min", "0"), out, "--crop_min 0.0 is not in (0, 1]")
+    assert_refused(ct(chain, out, "--pooling", "cls"), out, "--pooling cls differs from the stage-2 head")
+    assert_refused(ct(chain, out, "--proj_dim", "64"), out, "--proj_dim 64 differs from the stage-2 head")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")
+    assert ct(chain, tmp_path / "ok", *SMALL_HEAD, "--pooling", "mean", "--max_steps", "1").returncode == 0  # the head's own
 
 
 def test_similarities_and_loss_stay_fp32_under_bf16_autocast():
