@@ -12,7 +12,8 @@
 # epochs from the same stage-2 head; each joint arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
 # Environment as reproduce.sh: SEED, RUN (default runs/abl_NAME_sSEED), E1/E2/E3, STEPS (cap every run at this many
 # steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "1"; empty: no joint arm), METRICS (evaluate.py metrics,
-# default knn,linear). Extra flags go to every training and evaluation run. Tables: RUN/ablations.md.
+# default knn,linear). Extra flags go to every training run, and to evaluate.py those it takes too (as reproduce.sh).
+# Tables: RUN/ablations.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:?usage: bash ablations.sh smoke|cifar10_5k [flags]}
@@ -46,6 +47,13 @@ run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the w
   python "$script" $data --seed "$SEED" --out_dir "$dir" --batch_size "$bs" $resume "$@"
   echo $((SECONDS - t0)) > "$dir/DONE"
 }
+pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
+for ((i = 1; i <= $#; i++)); do
+  case ${!i} in
+    --device|--data_path|--img_size|--num_workers|--precision) j=$((i + 1)); pass+=("${!i}" "${!j:-}"); i=$j ;;
+    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
+  esac
+done
 evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
   local dir=$1 ckpt=$2; shift 2
   if [ -f "$dir/results.json" ]; then echo "== $dir: evaluated already, skipped"; return; fi
@@ -54,7 +62,7 @@ evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
 }
 
 # ---- 1: the head's own embedding vs the frozen encoder's features (one stage-2 checkpoint) ----
-for f in encoder projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt" --features $f "$@"; done
+for f in encoder projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt" --features $f "${pass[@]}"; done
 
 # ---- 2: top-k lookup strength, and hand-made augmentation, all from the same stage-2 head ----
 warm=$((E3 / 5))
@@ -63,7 +71,7 @@ for k in $TOPKS; do
     ln -sfn ../ct "$A/ct_k$k"; ln -sfn ../eval_ct "$A/eval_ct_k$k"; continue
   fi
   run "$A/ct_k$k" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$k" --epochs "$E3" --warmup_epochs $warm $cap "$@"
-  evaluate "$A/eval_ct_k$k" "$A/ct_k$k/ckpt.pt" "$@"
+  evaluate "$A/eval_ct_k$k" "$A/ct_k$k/ckpt.pt" "${pass[@]}"
 done
 # reproduce.sh's MAE-CT_aug stage is this arm (same head, top-k, epochs and flags)
 ln -sfn ../ct_aug "$A/ct_aug"; ln -sfn ../eval_ct_aug "$A/eval_ct_aug"
@@ -72,7 +80,7 @@ ln -sfn ../ct_aug "$A/ct_aug"; ln -sfn ../eval_ct_aug "$A/eval_ct_aug"
 EJ=$((E1 + E2 + E3))
 for l in $LAMBDAS; do
   run "$A/joint_l$l" pretrain_mae.py --model $model --nnclr_weight "$l" $head --epochs "$EJ" --warmup_epochs $((EJ / 20 + 1)) --log_every 5 --pictures 0 $cap "$@"
-  evaluate "$A/eval_joint_l$l" "$A/joint_l$l/ckpt.pt" "$@"
+  evaluate "$A/eval_joint_l$l" "$A/joint_l$l/ckpt.pt" "${pass[@]}"
 done
 
 # ---- tables ----

@@ -5,8 +5,8 @@ positive of each view is drawn uniformly from the top-k (k = 20) nearest neighbo
 embedding in the queue: the lookup is the augmentation, so crop and flip are the only hand-made ones. The lower
 half (with patch embedding and CLS token) stays frozen in eval mode and runs without gradient; upper blocks get
 layer-wise decayed learning rates (0.65 per block from the top); an EMA of the projector (0.99) embeds the
-queries for the lookup and fills the queue. Settings that the paper changes with the model size follow the
-stage-2 checkpoint's model unless given: temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H); for H also
+queries for the lookup and fills the queue. The head's shape, its pooling and the queue length are the stage-2
+checkpoint's; settings that the paper changes with the model size follow that checkpoint's model unless given: temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H); for H also
 target EMA 0.995 and 30 epochs instead of 20.
 
     # CPU smoke run
@@ -42,8 +42,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct",
                            epochs_help="passes over the training set (default: the paper's, 20; 30 for H)")
-    add_head_args(p, temperature=None, temperature_help="default: the paper's for the model size, 0.15 B and smaller, 0.2 L, 0.3 H")
-    p.set_defaults(proj_hidden=None, proj_dim=None, pred_hidden=None)  # the head's shape comes from stage 2
+    add_head_args(p, stage3=True)
     g = p.add_argument_group("contrastive tuning")
     g.add_argument("--topk", type=int, default=20, help="the positive is drawn uniformly from this many nearest neighbours (paper: 20; 1 = NNCLR)")
     g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen (default: half the depth)")
@@ -92,6 +91,7 @@ def main():
             raise common.UserError(f"--{k} {getattr(args, k)} differs from the stage-2 head in {args.init_from} "
                                    f"({head_args[k]}); stage 3 tunes that head, so rerun stage 2 to change it")
         setattr(args, k, head_args[k])
+    args.queue_size = args.queue_size or head_args["queue_size"]  # another length starts with an empty queue
     paper_defaults(args, cfg["model"])
     args.img_size = args.img_size or cfg["img_size"]
     if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):

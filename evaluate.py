@@ -7,7 +7,7 @@ tokens); a stage-2/3 checkpoint with the pooling its head was trained on.
 
     # CPU smoke run on generated shapes (vit_nano: ~10 s; see the OMP note below)
     OMP_NUM_THREADS=1 python evaluate.py --init_from runs/mae_smoke/ckpt.pt --dataset synthetic --device cpu
-    # CIFAR-10, one GPU; the EMA encoder of a stage-3 run
+    # CIFAR-10, one GPU; the EMA encoder of a stage-3 run trained with --encoder_ema 0.9999
     python evaluate.py --init_from runs/ct_c10/ckpt.pt --dataset cifar10 --data_path data/ --encoder_ema
     # ImageNet, 8 GPUs (extraction is sharded; the metrics run on every rank, rank 0 writes)
     torchrun --nproc_per_node=8 evaluate.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\

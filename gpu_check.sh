@@ -15,7 +15,7 @@
 #   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 270 s (issue 5):
 #     PARTS=ctgraphs OUT=$OUT bash gpu_check.sh   (timeout_s 255: stage 3 with and without CUDA graphs, bench.py)
 #   and seed 1 like call 1 in the session after.
-# RNG=1 adds the CUDA-graph seeding check. Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
+# RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
 set -uo pipefail

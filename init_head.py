@@ -33,16 +33,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def add_head_args(p, temperature=0.15, temperature_help="paper: 0.15"):
-    """NNCLR flags, shared with contrastive_tune.py."""
+def add_head_args(p, stage3=False):
+    """NNCLR flags, shared with contrastive_tune.py. In stage 3 (stage3=True) the head's shape, its pooling and the
+    queue length default to the stage-2 checkpoint's, and the temperature to the paper's for the model size."""
     g = p.add_argument_group("NNCLR")
     g.add_argument("--init_from", required=True, help="checkpoint of the previous stage (or an official MAE .pth)")
-    g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS (default: the paper's choice for the model size)")
-    g.add_argument("--queue_size", type=int, default=None, help="queue length; a multiple of the global batch (default: min(65536, train size) rounded down to one)")
-    g.add_argument("--temperature", type=float, default=temperature, help=f"softmax temperature of the NNCLR loss ({temperature_help})")
-    g.add_argument("--proj_hidden", type=int, default=2048, help="projector hidden width")
-    g.add_argument("--proj_dim", type=int, default=256, help="embedding width (projector output, queue entries)")
-    g.add_argument("--pred_hidden", type=int, default=4096, help="predictor hidden width")
+    if stage3:
+        head = " (default: the stage-2 head's)"
+        pooling = queue = proj_hidden = proj_dim = pred_hidden = temperature = None
+        t_help = "(default: the paper's for the model size, 0.15 B and smaller, 0.2 L, 0.3 H)"
+    else:
+        head = ""
+        pooling, queue, proj_hidden, proj_dim, pred_hidden, temperature = None, None, 2048, 256, 4096, 0.15
+        t_help = "(paper: 0.15)"
+    g.add_argument("--pooling", default=pooling, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS"
+                   + (head or " (default: the paper's choice for the model size)"))
+    g.add_argument("--queue_size", type=int, default=queue, help="queue length; a multiple of the global batch"
+                   + (head or " (default: min(65536, train size) rounded down to one)"))
+    g.add_argument("--temperature", type=float, default=temperature, help="softmax temperature of the NNCLR loss " + t_help)
+    g.add_argument("--proj_hidden", type=int, default=proj_hidden, help="projector hidden width" + head)
+    g.add_argument("--proj_dim", type=int, default=proj_dim, help="embedding width (projector output, queue entries)" + head)
+    g.add_argument("--pred_hidden", type=int, default=pred_hidden, help="predictor hidden width" + head)
     g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the head")
     g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
     return p

@@ -10,7 +10,8 @@
 #
 # Stage 3 runs twice from the same stage-2 head: MAE-CT (crop + flip only, the paper's method) and MAE-CT_aug
 # (plus the BYOL colour pipeline, head lr 5e-4: the paper's variant, which matters most for small models); the
-# table has one row each. Extra flags go to every stage (e.g. --device cpu, --data_path). Environment: SEED
+# table has one row each. Extra flags go to every training stage (e.g. --device cpu, --data_path); evaluate.py gets
+# those it takes too (--device --data_path --img_size --num_workers --precision; EVAL for its own). Environment: SEED
 # (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3), STEPS (cap every
 # stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug), POOLING=cls|mean
 # (the encoder feature stages 2 and 3 tune and the table leads with; default the paper's for the model size: mean
@@ -81,7 +82,13 @@ evaluate() {  # evaluate NAME CHECKPOINT
   echo "== evaluate.py $2 -> $dir"
   "${launch[@]}" evaluate.py --init_from "$2" $data --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
 }
-pass=("$@")
+pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
+for ((i = 1; i <= $#; i++)); do
+  case ${!i} in
+    --device|--data_path|--img_size|--num_workers|--precision) j=$((i + 1)); pass+=("${!i}" "${!j:-}"); i=$j ;;
+    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
+  esac
+done
 
 stage mae pretrain_mae.py --model $model ${mae_extra:-} --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
 evaluate eval_mae "$RUN/mae/ckpt.pt"

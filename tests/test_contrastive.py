@@ -291,6 +291,15 @@ def test_stage3_takes_the_size_defaults_from_the_checkpoint(chain, tmp_path):
     assert (args["temperature"], args["target_ema"], args["epochs"], args["warmup_epochs"]) == (0.3, 0.995, 30, 6.0)
 
 
+def test_stage3_continues_the_heads_queue(chain, tmp_path):
+    r = run("init_head.py", "--init_from", chain / "mae.pt", "--dataset", "synthetic", "--batch_size", "64",
+            "--max_steps", "1", "--queue_size", "128", "--out_dir", tmp_path / "head", "--device", "cpu", *SMALL_HEAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = ct(chain, tmp_path / "ct", "--init_from", tmp_path / "head" / "ckpt.pt", "--max_steps", "1")
+    assert r.returncode == 0 and "empty queue" not in r.stdout, r.stderr[-2000:]
+    assert torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)["args"]["queue_size"] == 128
+
+
 def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     ema = ["--encoder_ema", "0.9", "--save_every", "2"]

@@ -14,7 +14,9 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     run = tmp_path / "smoke"
     env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "AUG", "SEED", "E1", "E2", "E3"}}  # recipe knobs
     env.update(RUN=str(run), STEPS="3", OMP_NUM_THREADS="1", EVAL="--metrics knn,kmeans --kmeans_seeds 2")
-    cmd = ["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"]
+    # --compile 0, a training-only flag that evaluate.py does not take, reaches the training stages only;
+    # --num_workers=0 (both take it) reaches the evaluations too
+    cmd = ["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu", "--compile", "0", "--num_workers=0"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for stage in ("mae", "head", "ct", "ct_aug"):
@@ -30,6 +32,8 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     assert a["init_from"] == b["init_from"] == str(run / "head" / "ckpt.pt")
     assert (a["views"], b["views"], a["head_blr"], b["head_blr"]) == ("minimal", "aug", 1e-4, 5e-4)
     assert {k for k in a if a[k] != b[k]} == {"views", "head_blr", "out_dir"}
+    first_eval = r.stdout.split("== evaluate.py", 1)[1].split("\n== ", 1)[0]  # its output up to the next stage
+    assert '"num_workers": 0' in first_eval
     for d in ("eval_mae", "eval_ct", "eval_ct_aug"):
         res = json.loads((run / d / "results.json").read_text())
         assert 0 <= res["knn10"] <= 100 and res["kmeans_acc_mean"] is not None
