@@ -6,8 +6,8 @@ embedding in the queue: the lookup is the augmentation, so crop and flip are the
 half (with patch embedding and CLS token) stays frozen in eval mode and runs without gradient; upper blocks get
 layer-wise decayed learning rates (0.65 per block from the top); an EMA of the projector (0.99) embeds the
 queries for the lookup and fills the queue. The head's shape, its pooling and the queue length are the stage-2
-checkpoint's; settings that the paper changes with the model size follow that checkpoint's model unless given: temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H); for H also
-target EMA 0.995 and 30 epochs instead of 20.
+checkpoint's; settings that the paper changes with the model size follow that checkpoint's model unless given:
+temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H); for H also target EMA 0.995 and 30 epochs instead of 20.
 
     # CPU smoke run
     python contrastive_tune.py --init_from runs/head_smoke/ckpt.pt --dataset synthetic --epochs 3 --out_dir runs/ct_smoke --device cpu
