@@ -347,6 +347,23 @@ class Logger:
         self.last = last_step or total_steps  # a --max_steps run logs its final step too
         self.path = os.path.join(out_dir, "log.jsonl")
         self.t0, self.s0 = time.time(), start_step
+        if proc.main and os.path.exists(self.path):
+            self.keep_until(start_step)
+
+    def keep_until(self, step):
+        """A fresh run (step 0) starts a new log; a resumed one keeps the lines up to its checkpoint's step, so
+        what was logged between that checkpoint and a kill (and a line cut short by it) is not there twice."""
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by the kill
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def due(self, step):
         return step % self.every == 0 or step == self.last

@@ -1,5 +1,6 @@
 """Stages 2 and 3: the queue lookup, the NNCLR loss, DDP equivalence, freezing, layer decay, EMA, resume, bad input."""
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +306,8 @@ def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
     ema = ["--encoder_ema", "0.9", "--save_every", "2"]
     assert ct(chain, a, "--max_steps", "4", *ema).returncode == 0
     assert ct(chain, b, "--max_steps", "2", *ema).returncode == 0
+    with open(b / "log.jsonl", "a") as f:  # as if killed after logging step 3, in the middle of a line
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     r = ct(chain, b, "--max_steps", "4", "--resume", *ema)
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
     ca, cb = (torch.load(x / "ckpt.pt", weights_only=True) for x in (a, b))
@@ -314,6 +317,10 @@ def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
             assert torch.equal(ca[part][k], cb[part][k]), (part, k)
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
+    log_steps = lambda d: [json.loads(line)["step"] for line in (d / "log.jsonl").read_text().splitlines()]
+    assert log_steps(b) == [2, 4]  # the lines after the checkpoint's step are dropped on resume, not repeated
+    assert ct(chain, b, "--max_steps", "1").returncode == 0  # a fresh run (no --resume) into the same folder
+    assert log_steps(b) == [1]  # starts a new log
 
 
 def test_official_mae_file_is_accepted_by_init_head(tmp_path):
