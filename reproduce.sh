@@ -7,6 +7,8 @@
 #   bash reproduce.sh fashion_mnist                # ViT-T/4 on 28 px, one GPU
 #   bash reproduce.sh cifar10 --data_path data/    # ViT-T/4 on 32 px; cifar100 likewise
 #   bash reproduce.sh imagenet100 --data_path /data/imagenet100   # ViT-B/16, 224 px, all visible GPUs
+#   MAE=mae_pretrain_vit_base.pth bash reproduce.sh imagenet --data_path /data/imagenet   # the paper's ViT-B/16 run:
+#                                                  # stages 2-3 from facebookresearch/mae's weights, all visible GPUs
 #
 # Stage 3 runs twice from the same stage-2 head: MAE-CT (crop + flip only, the paper's method) and MAE-CT_aug
 # (plus the BYOL colour pipeline, head lr 5e-4: the paper's variant, which matters most for small models); the
@@ -16,12 +18,14 @@
 # stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug), POOLING=cls|mean
 # (the encoder feature stages 2 and 3 tune and the table leads with; default the paper's for the model size: mean
 # of patch tokens for ViT-B and smaller; set, it is part of stage 2's settings, so a run made without it is not
-# continued with it). All visible GPUs are used through torchrun.
+# continued with it), MAE=FILE (start from this stage-1 checkpoint, ours or an official MAE .pth, instead of training
+# stage 1; a path relative to this folder, like --data_path; it is evaluated as the MAE row). All visible GPUs are
+# used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error.
 set -euo pipefail
 cd "$(dirname "$0")"
-name=${1:?usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100 [flags]}
+name=${1:?usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100|imagenet [flags]}
 shift
 SEED=${SEED:-0}
 
@@ -41,10 +45,13 @@ case $name in
                  head="--queue_size 16384"; extra_ct="--topk 20 --crop_min 0.5"; graphs=1 ;;
   cifar10|cifar100) data="--dataset $name"; model=vit_tiny; e=(800 20 20); bs=(1024 1024 1024)
                  head="--queue_size 16384"; extra_ct="--topk 20"; graphs=1 ;;
-  imagenet100)   data="--dataset imagefolder --img_size 224"; model=vit_base; e=(800 20 20); bs=(1024 1024 1024)
+  imagenet100|imagenet) data="--dataset imagefolder --img_size 224"; model=vit_base; e=(800 20 20); bs=(1024 1024 1024)
                  head="--queue_size 65536"; extra_ct="--topk 20"; mae_extra="--patch_size 16" ;;
-  *) echo "error: unknown recipe '$name' (smoke, cifar10_5k, fashion_mnist, cifar10, cifar100, imagenet100)" >&2; exit 2 ;;
+  *) echo "error: unknown recipe '$name' (smoke, cifar10_5k, fashion_mnist, cifar10, cifar100, imagenet100, imagenet)" >&2; exit 2 ;;
 esac
+if [ -n "${MAE:-}" ] && [ ! -f "$MAE" ]; then
+  echo "error: MAE=$MAE: no such file (a stage-1 checkpoint or an official MAE .pth, relative to $(pwd))" >&2; exit 2
+fi
 case ${POOLING:-} in
   ""|cls|mean) ;;
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the model size's default)" >&2; exit 2 ;;
@@ -90,9 +97,14 @@ for ((i = 1; i <= $#; i++)); do
   esac
 done
 
-stage mae pretrain_mae.py --model $model ${mae_extra:-} --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
-evaluate eval_mae "$RUN/mae/ckpt.pt"
-stage head init_head.py --init_from "$RUN/mae/ckpt.pt" $head ${POOLING:+--pooling "$POOLING"} --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
+if [ -n "${MAE:-}" ]; then
+  mae=$MAE  # given: stage 1 is not run
+else
+  stage mae pretrain_mae.py --model $model ${mae_extra:-} --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
+  mae=$RUN/mae/ckpt.pt
+fi
+evaluate eval_mae "$mae"
+stage head init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
 stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
 evaluate eval_ct "$RUN/ct/ckpt.pt"
 if [ "${AUG:-1}" != 0 ]; then

@@ -71,3 +71,28 @@ def test_reproduce_rejects_unknown_recipe_and_pooling(tmp_path):
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, POOLING="CLS", RUN=str(tmp_path / "run")))
     assert r.returncode == 2 and r.stderr.startswith("error: POOLING='CLS'") and not (tmp_path / "run").exists()
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, MAE=str(tmp_path / "nope.pth"), RUN=str(tmp_path / "run")))
+    assert r.returncode == 2 and r.stderr.startswith("error: MAE=") and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_reproduce_from_official_mae_weights(tmp_path):
+    """MAE=FILE: stages 2-3 start from an official-format MAE file (encoder weights only); stage 1 is not run."""
+    import torch
+    import model
+    cfg = model.model_config("vit_nano", 32, 4, 3)
+    mae = model.init_weights(model.MaskedAutoencoder(**cfg))
+    official = tmp_path / "mae_pretrain_vit_nano.pth"
+    torch.save({"model": model.encoder_state_dict(mae.state_dict())}, official)  # as facebookresearch/mae ships it
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "SEED", "E1", "E2", "E3"}}
+    env.update(MAE=str(official), RUN=str(run), STEPS="2", AUG="0", OMP_NUM_THREADS="1", EVAL="--metrics knn")
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert not (run / "mae").exists() and "pretrain_mae.py" not in r.stdout
+    assert load_ckpt(run / "head" / "ckpt.pt")["args"]["init_from"] == str(official)
+    res = json.loads((run / "eval_mae" / "results.json").read_text())
+    assert res["checkpoint"] == str(official) and {"cls", "mean"} <= res.keys()
+    assert "| MAE |" in r.stdout and "| MAE-CT |" in r.stdout
