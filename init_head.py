@@ -38,22 +38,17 @@ def add_head_args(p, stage3=False):
     queue length default to the stage-2 checkpoint's, and the temperature to the paper's for the model size."""
     g = p.add_argument_group("NNCLR")
     g.add_argument("--init_from", required=True, help="checkpoint of the previous stage (or an official MAE .pth)")
-    if stage3:
-        head = " (default: the stage-2 head's)"
-        pooling = queue = proj_hidden = proj_dim = pred_hidden = temperature = None
-        t_help = "(default: the paper's for the model size, 0.15 B and smaller, 0.2 L, 0.3 H)"
-    else:
-        head = ""
-        pooling, queue, proj_hidden, proj_dim, pred_hidden, temperature = None, None, 2048, 256, 4096, 0.15
-        t_help = "(paper: 0.15)"
-    g.add_argument("--pooling", default=pooling, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS"
-                   + (head or " (default: the paper's choice for the model size)"))
-    g.add_argument("--queue_size", type=int, default=queue, help="queue length; a multiple of the global batch"
-                   + (head or " (default: min(65536, train size) rounded down to one)"))
-    g.add_argument("--temperature", type=float, default=temperature, help="softmax temperature of the NNCLR loss " + t_help)
-    g.add_argument("--proj_hidden", type=int, default=proj_hidden, help="projector hidden width" + head)
-    g.add_argument("--proj_dim", type=int, default=proj_dim, help="embedding width (projector output, queue entries)" + head)
-    g.add_argument("--pred_hidden", type=int, default=pred_hidden, help="predictor hidden width" + head)
+    inherit = " (default: the stage-2 head's)" if stage3 else ""
+    g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS"
+                   + (inherit or " (default: the paper's choice for the model size)"))
+    g.add_argument("--queue_size", type=int, default=None, help="queue length; a multiple of the global batch"
+                   + (inherit or " (default: min(65536, train size) rounded down to one)"))
+    g.add_argument("--temperature", type=float, default=None if stage3 else 0.15, help="softmax temperature of the NNCLR loss "
+                   + ("(default: the paper's for the model size, 0.15 B and smaller, 0.2 L, 0.3 H)" if stage3 else "(paper: 0.15)"))
+    for flag, default, text in [("--proj_hidden", 2048, "projector hidden width"),
+                                ("--proj_dim", 256, "embedding width (projector output, queue entries)"),
+                                ("--pred_hidden", 4096, "predictor hidden width")]:
+        g.add_argument(flag, type=int, default=None if stage3 else default, help=text + inherit)
     g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the head")
     g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
     return p
