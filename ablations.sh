@@ -22,6 +22,9 @@ SEED=${SEED:-0}
 
 # The data and head flags must match reproduce.sh's recipe of the same name, so its checkpoints are reused.
 # Ours: shorter default epochs than reproduce.sh, so that all arms fit a CPU session (override with E1/E2/E3).
+if [ -n "${MAE:-}" ]; then  # the joint arm trains from scratch on the sequential recipe's budget, so stage 1 must too
+  echo "error: ablations.sh trains its own stage 1 (the joint arm is compared with it); unset MAE" >&2; exit 2
+fi
 case $name in
   smoke)      data="--dataset synthetic"; model=vit_nano; e=(10 5 5); bs=256
               head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; topk=5 ;;
@@ -32,6 +35,15 @@ esac
 export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
 export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
 TOPKS=${TOPKS-1 5 10 20 50}; LAMBDAS=${LAMBDAS-1}; METRICS=${METRICS:-knn,linear}
+pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
+for ((i = 1; i <= $#; i++)); do
+  case ${!i} in
+    --device|--data_path|--img_size|--num_workers|--precision)
+      j=$((i + 1)); [ $j -le $# ] || { echo "error: ${!i} needs a value" >&2; exit 2; }
+      pass+=("${!i}" "${!j}"); i=$j ;;
+    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
+  esac
+done
 cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"
@@ -47,13 +59,6 @@ run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the w
   python "$script" $data --seed "$SEED" --out_dir "$dir" --batch_size "$bs" $resume "$@"
   echo $((SECONDS - t0)) > "$dir/DONE"
 }
-pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
-for ((i = 1; i <= $#; i++)); do
-  case ${!i} in
-    --device|--data_path|--img_size|--num_workers|--precision) j=$((i + 1)); pass+=("${!i}" "${!j:-}"); i=$j ;;
-    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
-  esac
-done
 evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
   local dir=$1 ckpt=$2; shift 2
   if [ -f "$dir/results.json" ]; then echo "== $dir: evaluated already, skipped"; return; fi

@@ -91,7 +91,11 @@ def main():
             raise common.UserError(f"--{k} {getattr(args, k)} differs from the stage-2 head in {args.init_from} "
                                    f"({head_args[k]}); stage 3 tunes that head, so rerun stage 2 to change it")
         setattr(args, k, head_args[k])
-    args.queue_size = args.queue_size or head_args["queue_size"]  # another length starts with an empty queue
+    if args.queue_size is None:  # the head's queue, kept (another length starts with an empty queue)
+        args.queue_size = head_args["queue_size"]
+        if args.queue_size % args.batch_size:
+            raise common.UserError(f"the stage-2 head's queue ({args.queue_size}) is not a multiple of --batch_size "
+                                   f"{args.batch_size}; pass --queue_size (a multiple) to start with an empty queue")
     paper_defaults(args, cfg["model"])
     args.img_size = args.img_size or cfg["img_size"]
     if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):

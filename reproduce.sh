@@ -19,8 +19,8 @@
 # (the encoder feature stages 2 and 3 tune and the table leads with; default the paper's for the model size: mean
 # of patch tokens for ViT-B and smaller; set, it is part of stage 2's settings, so a run made without it is not
 # continued with it), MAE=FILE (start from this stage-1 checkpoint, ours or an official MAE .pth, instead of training
-# stage 1; a path relative to this folder, like --data_path; it is evaluated as the MAE row). All visible GPUs are
-# used through torchrun.
+# stage 1; a path relative to this folder, like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a
+# rerun that gives another or none stops). All visible GPUs are used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error.
 set -euo pipefail
@@ -49,13 +49,23 @@ case $name in
                  head="--queue_size 65536"; extra_ct="--topk 20"; mae_extra="--patch_size 16" ;;
   *) echo "error: unknown recipe '$name' (smoke, cifar10_5k, fashion_mnist, cifar10, cifar100, imagenet100, imagenet)" >&2; exit 2 ;;
 esac
-if [ -n "${MAE:-}" ] && [ ! -f "$MAE" ]; then
-  echo "error: MAE=$MAE: no such file (a stage-1 checkpoint or an official MAE .pth, relative to $(pwd))" >&2; exit 2
+if [ -n "${MAE:-}" ]; then
+  [ -f "$MAE" ] || { echo "error: MAE=$MAE: no such file (a stage-1 checkpoint or an official MAE .pth, relative to $(pwd))" >&2; exit 2; }
+  case $MAE in /*) ;; *) MAE=$(pwd)/$MAE ;; esac  # one spelling, so that a rerun compares equal
 fi
 case ${POOLING:-} in
   ""|cls|mean) ;;
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the model size's default)" >&2; exit 2 ;;
 esac
+pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
+for ((i = 1; i <= $#; i++)); do
+  case ${!i} in
+    --device|--data_path|--img_size|--num_workers|--precision)
+      j=$((i + 1)); [ $j -le $# ] || { echo "error: ${!i} needs a value" >&2; exit 2; }
+      pass+=("${!i}" "${!j}"); i=$j ;;
+    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
+  esac
+done
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
@@ -64,7 +74,14 @@ if [ "${graphs:-0}" = 1 ] && [ "$ngpu" -le 1 ]; then  # CUDA graphs were measure
   mae_extra="${mae_extra:-} --compile_mode reduce-overhead"
 fi
 if [ "$ngpu" -gt 1 ]; then launch=(torchrun --nproc_per_node="$ngpu"); else launch=(python); fi
-mkdir -p "$RUN"
+# Where the run's stage 1 comes from (RUN/MAE): trained here, or a given file. A rerun that says otherwise stops here,
+# before it would train a stage 1 that the later stages do not use or tune a head on another encoder than the table's.
+origin=${MAE:-trained here}
+before=$(cat "$RUN/MAE" 2>/dev/null || { [ -d "$RUN/mae" ] && echo "trained here"; } || true)
+if [ -n "$before" ] && [ "$before" != "$origin" ]; then
+  echo "error: $RUN has its stage 1 from '$before', not '$origin'; use another RUN= or set MAE= as before" >&2; exit 2
+fi
+mkdir -p "$RUN" && echo "$origin" > "$RUN/MAE"
 
 stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume when a checkpoint is there.
   # RUN/NAME/SETTINGS keeps the stage's command line: a rerun with other settings (another recipe, E1/E2/E3, STEPS,
@@ -89,13 +106,6 @@ evaluate() {  # evaluate NAME CHECKPOINT
   echo "== evaluate.py $2 -> $dir"
   "${launch[@]}" evaluate.py --init_from "$2" $data --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
 }
-pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
-for ((i = 1; i <= $#; i++)); do
-  case ${!i} in
-    --device|--data_path|--img_size|--num_workers|--precision) j=$((i + 1)); pass+=("${!i}" "${!j:-}"); i=$j ;;
-    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
-  esac
-done
 
 if [ -n "${MAE:-}" ]; then
   mae=$MAE  # given: stage 1 is not run

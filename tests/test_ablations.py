@@ -167,3 +167,11 @@ def test_ablations_sh_smoke_end_to_end(tmp_path):
     assert (run / "abl" / "ct_aug").resolve() == (run / "ct_aug").resolve()  # and its MAE-CT_aug
     assert "(reproduce.sh MAE-CT_aug) |" in table
     assert load_ckpt(run / "abl" / "joint_l1" / "ckpt.pt")["args"]["nnclr_weight"] == 1.0
+
+
+def test_ablations_sh_refuses_a_given_mae(tmp_path):
+    """MAE= would skip the sequential stage 1 while the joint arm still trains from scratch: unequal budgets."""
+    env = {**os.environ, "MAE": str(tmp_path / "mae.pth"), "RUN": str(tmp_path / "run")}
+    r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "unset MAE" in r.stderr and not (tmp_path / "run").exists()

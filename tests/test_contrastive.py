@@ -299,6 +299,8 @@ def test_stage3_continues_the_heads_queue(chain, tmp_path):
     r = ct(chain, tmp_path / "ct", "--init_from", tmp_path / "head" / "ckpt.pt", "--max_steps", "1")
     assert r.returncode == 0 and "empty queue" not in r.stdout, r.stderr[-2000:]
     assert torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)["args"]["queue_size"] == 128
+    r = ct(chain, tmp_path / "ct96", "--init_from", tmp_path / "head" / "ckpt.pt", "--batch_size", "96")
+    assert_refused(r, tmp_path / "ct96", "the stage-2 head's queue (128) is not a multiple of --batch_size 96")
 
 
 def test_stage3_resume_equals_uninterrupted(chain, tmp_path):

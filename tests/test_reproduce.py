@@ -74,6 +74,9 @@ def test_reproduce_rejects_unknown_recipe_and_pooling(tmp_path):
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, MAE=str(tmp_path / "nope.pth"), RUN=str(tmp_path / "run")))
     assert r.returncode == 2 and r.stderr.startswith("error: MAE=") and not (tmp_path / "run").exists()
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, RUN=str(tmp_path / "run")))
+    assert r.returncode == 2 and r.stderr == "error: --device needs a value\n" and not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -96,3 +99,8 @@ def test_reproduce_from_official_mae_weights(tmp_path):
     res = json.loads((run / "eval_mae" / "results.json").read_text())
     assert res["checkpoint"] == str(official) and {"cls", "mean"} <= res.keys()
     assert "| MAE |" in r.stdout and "| MAE-CT |" in r.stdout
+    # a rerun that forgets MAE= stops before training a stage 1 that stages 2-3 would not use
+    env.pop("MAE")
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "has its stage 1 from" in r.stderr and not (run / "mae").exists()
