@@ -35,15 +35,7 @@ esac
 export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
 export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
 TOPKS=${TOPKS-1 5 10 20 50}; LAMBDAS=${LAMBDAS-1}; METRICS=${METRICS:-knn,linear}
-pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
-for ((i = 1; i <= $#; i++)); do
-  case ${!i} in
-    --device|--data_path|--img_size|--num_workers|--precision)
-      j=$((i + 1)); [ $j -le $# ] || { echo "error: ${!i} needs a value" >&2; exit 2; }
-      pass+=("${!i}" "${!j}"); i=$j ;;
-    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
-  esac
-done
+source ./eval_flags.sh && eval_flags "$@"  # pass: the extra flags evaluate.py takes too
 cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"

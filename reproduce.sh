@@ -57,15 +57,7 @@ case ${POOLING:-} in
   ""|cls|mean) ;;
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the model size's default)" >&2; exit 2 ;;
 esac
-pass=()  # of the extra flags, those evaluate.py takes too: a training flag (--compile 0, --crop_min) would stop it
-for ((i = 1; i <= $#; i++)); do
-  case ${!i} in
-    --device|--data_path|--img_size|--num_workers|--precision)
-      j=$((i + 1)); [ $j -le $# ] || { echo "error: ${!i} needs a value" >&2; exit 2; }
-      pass+=("${!i}" "${!j}"); i=$j ;;
-    --device=*|--data_path=*|--img_size=*|--num_workers=*|--precision=*) pass+=("${!i}") ;;
-  esac
-done
+source ./eval_flags.sh && eval_flags "$@"  # pass: the extra flags evaluate.py takes too
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
