@@ -52,6 +52,12 @@ def parse_args(argv=None):
     g.add_argument("--target_ema", type=float, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
     g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 on ImageNet; 0 = off)")
     g.add_argument("--views", default="minimal", choices=["minimal", "aug"], help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug)")
+    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
+                   help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
+                        "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "
+                        "as one graph and replayed as CUDA graphs: 1.17x the images/s of ViT-T on 28 px in bench.py "
+                        "(BENCHMARKS.md), whose step is bound by the host. One process only; not yet what "
+                        "reproduce.sh uses (BENCHMARKS.md)")
     return p.parse_args(argv)
 
 
@@ -81,6 +87,9 @@ def main():
         raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
     if args.topk < 1:
         raise common.UserError("--topk must be at least 1")
+    if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise common.UserError("--compile_mode reduce-overhead is for one process: the cross-rank gather inside the "
+                               "graph is untested")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.isfile(ckpt_path):
         raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
@@ -150,7 +159,11 @@ def main():
 
     # ---- compile, DDP ----
     raw = model
-    if args.compile:
+    if args.compile and args.compile_mode == "reduce-overhead":
+        # one graph for the whole forward: the frozen lower half runs without gradient, and as a graph of its own
+        # its output would count as finished, free to be overwritten, before the upper half reads it
+        model = torch.compile(model, mode="reduce-overhead")
+    elif args.compile:
         model.encoder.compile()
         model.head.compile()
     model = common.ddp(model, proc)

@@ -1,6 +1,7 @@
 """Stages 2 and 3: the queue lookup, the NNCLR loss, DDP equivalence, freezing, layer decay, EMA, resume, bad input."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,33 @@ def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):
     assert 0 < d_target < d_online
 
 
+def test_stage3_compiles_the_whole_forward_as_one_graph_in_reduce_overhead(chain, tmp_path, monkeypatch, capsys):
+    """--compile_mode reduce-overhead compiles the MAECT forward as a whole (so the frozen half's output never leaves
+    the graph), the default mode the encoder and the head. Spied in process, then one real compiled run on CPU."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append((type(m).__name__, kw.get("mode"))) or m)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw.get("mode"))))
+    common_args = ["--init_from", chain / "head" / "ckpt.pt", "--dataset", "synthetic", "--epochs", "1", "--batch_size",
+                   "64", "--max_steps", "1", "--device", "cpu", "--topk", "3", "--compile", "1"]
+    for mode, expected in [("reduce-overhead", [("MAECT", "reduce-overhead")]),
+                           ("default", [("VisionTransformer", None), ("NNCLRHead", None)])]:
+        compiled.clear()
+        code, _, err = run_in_process(monkeypatch, capsys, "contrastive_tune.py", *common_args, "--compile_mode", mode,
+                                      "--out_dir", tmp_path / mode)
+        assert code == 0 and compiled == expected, (mode, compiled, err[-2000:])
+    monkeypatch.undo()
+    r = ct(chain, tmp_path / "real", "--max_steps", "3", "--log_every", "1", "--compile", "1",
+           "--compile_mode", "reduce-overhead")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = torch.load(tmp_path / "real" / "ckpt.pt", weights_only=True)
+    before = torch.load(chain / "head" / "ckpt.pt", weights_only=True)["model"]
+    assert after["step"] == 3 and after["args"]["compile_mode"] == "reduce-overhead"
+    assert torch.equal(after["model"]["encoder.blocks.0.attn.qkv.weight"], before["encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(after["model"]["encoder.blocks.3.attn.qkv.weight"], before["encoder.blocks.3.attn.qkv.weight"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "real" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
 def test_paper_defaults_follow_the_model_size():
     from contrastive_tune import paper_defaults
     unset = dict(temperature=None, target_ema=None, epochs=None)
@@ -360,6 +388,10 @@ def test_bad_input(chain, tmp_path):
     assert_refused(ct(chain, out, "--pooling", "cls"), out, "--pooling cls differs from the stage-2 head")
     assert_refused(ct(chain, out, "--proj_dim", "64"), out, "--proj_dim 64 differs from the stage-2 head")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")
+    two = subprocess.run([sys.executable, str(ROOT / "contrastive_tune.py"), "--init_from", str(chain / "head" / "ckpt.pt"),
+                          "--compile_mode", "reduce-overhead", "--out_dir", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    assert_refused(two, out, "--compile_mode reduce-overhead is for one process")
     assert ct(chain, tmp_path / "ok", *SMALL_HEAD, "--pooling", "mean", "--max_steps", "1").returncode == 0  # the head's own
 
 

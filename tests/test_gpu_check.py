@@ -88,14 +88,22 @@ def test_a_variant_stops_waiting_when_the_chain_dies_before_its_input(tmp_path):
     assert not any(c[0] == "contrastive_tune.py" for c in calls)
 
 
-def test_the_next_sessions_calls_a_cls_chain_with_a_mean_arm_and_ctgraphs(tmp_path):
+def test_the_next_sessions_calls_a_cls_chain_with_a_mean_arm_and_ctscript(tmp_path):
     # call 1 of the header: POOLING reaches the chain's stage 2 (stage 3 takes the head's), the mean arm its own head
-    calls, _, _ = run_gpu_check(tmp_path, SEED="0", POOLING="cls", VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean")
+    calls, _, _ = run_gpu_check(tmp_path, SEED="1", POOLING="cls", VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean")
     heads = {flag(c, "--out_dir"): c for c in calls if c[0] == "init_head.py"}
     assert flag(heads["runs/fm_gpu/head"], "--pooling") == "cls" and flag(heads["runs/fm_gpu/head_mean"], "--pooling") == "mean"
+    assert {flag(c, "--seed") for c in heads.values()} == {"1"}
     mean_ct = next(c for c in calls if c[0] == "contrastive_tune.py" and flag(c, "--out_dir") == "runs/fm_gpu/mean")
     assert flag(mean_ct, "--init_from") == "runs/fm_gpu/head_mean/ckpt.pt"
-    # the issue-5 part: the same bench in the scripts' compile mode, then with CUDA graphs
-    calls, out, _ = run_gpu_check(tmp_path / "2", PARTS="ctgraphs")
-    assert [(c[0], flag(c, "--stages"), flag(c, "--compile_mode")) for c in calls] == [
-        ("bench.py", "ct", "default"), ("bench.py", "ct", "reduce-overhead")]
+    # call 2 (issue 5): stage 3 itself in both compile modes from one short head, each evaluated
+    calls, out, _ = run_gpu_check(tmp_path / "2", PARTS="ctscript")
+    cts = [c for c in calls if c[0] == "contrastive_tune.py"]
+    assert [flag(c, "--compile_mode") for c in cts] == ["default", "reduce-overhead"]
+    assert {flag(c, "--init_from") for c in cts} == {"runs/fm_cts/head/ckpt.pt"}
+    assert [flag(c, "--init_from") for c in calls if c[0] == "evaluate.py"] == [
+        "runs/fm_cts/ct_default/ckpt.pt", "runs/fm_cts/ct_reduce-overhead/ckpt.pt"]
+    assert (out / "ctscript_reduce-overhead.log").exists()
+    # a failed stage 1 or 2 is named and stops the part, not the script
+    calls, _, stdout = run_gpu_check(tmp_path / "3", PARTS="ctscript", FAIL_SCRIPT="init_head.py")
+    assert "ctscript: stages 1-2 failed" in stdout and not any(c[0] == "contrastive_tune.py" for c in calls)
