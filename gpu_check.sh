@@ -155,6 +155,14 @@ ctscript() {  # issue 5: contrastive_tune.py --compile_mode reduce-overhead (the
           --metrics knn --out_dir $r/eval_$mode; } > "$OUT/ctscript_$mode.log" 2>&1 || echo "ctscript: $mode failed"
     tail -4 "$OUT/ctscript_$mode.log"
   done
+  python - "$r" <<'PY' 2>&1 | tee "$OUT/ctscript_summary.log"
+import json, os, statistics, sys
+for mode in ("default", "reduce-overhead"):  # median img/s of the 20-step log windows after the first (compilation)
+    log, res = (os.path.join(sys.argv[1], d, f) for d, f in ((f"ct_{mode}", "log.jsonl"), (f"eval_{mode}", "results.json")))
+    rates = [json.loads(l).get("img_per_s") for l in open(log)][1:] if os.path.exists(log) else []
+    knn = json.load(open(res)).get("knn10") if os.path.exists(res) else None
+    print(f"ctscript {mode}: median {statistics.median(rates) if rates else None} img/s over {len(rates)} windows, k-NN@10 {knn}")
+PY
   tar czf "$OUT/ctscript_run.tar.gz" --exclude='*.pt' $r 2>/dev/null
 }
 fmquick() {  # a short Fashion-MNIST chain with the recipe's CUDA graphs: does every stage run, and how fast
