@@ -56,8 +56,9 @@ def parse_args(argv=None):
                    help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
                         "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "
                         "as one graph and replayed as CUDA graphs: 1.17x the images/s of ViT-T on 28 px in bench.py "
-                        "(BENCHMARKS.md), whose step is bound by the host. One process only; not yet what "
-                        "reproduce.sh uses (BENCHMARKS.md)")
+                        "(BENCHMARKS.md), whose step is bound by the host. With --compile 1 (the default on CUDA); one "
+                        "process only; not yet what reproduce.sh uses. The top-k draws come from another random "
+                        "stream than in the default mode, so resume a run in the mode it started in")
     return p.parse_args(argv)
 
 

@@ -282,16 +282,20 @@ def test_stage3_compiles_the_whole_forward_as_one_graph_in_reduce_overhead(chain
                                       "--out_dir", tmp_path / mode)
         assert code == 0 and compiled == expected, (mode, compiled, err[-2000:])
     monkeypatch.undo()
-    r = ct(chain, tmp_path / "real", "--max_steps", "3", "--log_every", "1", "--compile", "1",
-           "--compile_mode", "reduce-overhead")
-    assert r.returncode == 0, r.stderr[-2000:]
-    after = torch.load(tmp_path / "real" / "ckpt.pt", weights_only=True)
+    # compiled for real (on CPU: no CUDA graphs, but the same single graph) against eager; top-1 lookup, so that no
+    # random draw differs between inductor's random stream and eager's: the same training up to float rounding
+    runs = {}
+    for name, flags in [("eager", ["--compile", "0"]), ("graph", ["--compile", "1", "--compile_mode", "reduce-overhead"])]:
+        r = ct(chain, tmp_path / name, "--max_steps", "3", "--log_every", "1", "--topk", "1", *flags)
+        assert r.returncode == 0, r.stderr[-2000:]
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        runs[name] = ([x["loss"] for x in log], torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"])
+    (loss_e, sd_e), (loss_g, sd_g) = runs["eager"], runs["graph"]
+    assert len(loss_g) == 3 and loss_g == pytest.approx(loss_e, abs=1e-4)
+    assert torch.equal(sd_g["queue.indices"], sd_e["queue.indices"])
+    assert all(torch.allclose(sd_g[k], v, atol=1e-4) for k, v in sd_e.items() if v.is_floating_point())
     before = torch.load(chain / "head" / "ckpt.pt", weights_only=True)["model"]
-    assert after["step"] == 3 and after["args"]["compile_mode"] == "reduce-overhead"
-    assert torch.equal(after["model"]["encoder.blocks.0.attn.qkv.weight"], before["encoder.blocks.0.attn.qkv.weight"])
-    assert not torch.equal(after["model"]["encoder.blocks.3.attn.qkv.weight"], before["encoder.blocks.3.attn.qkv.weight"])
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "real" / "log.jsonl").read_text().splitlines()]
-    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert not torch.equal(sd_g["encoder.blocks.3.attn.qkv.weight"], before["encoder.blocks.3.attn.qkv.weight"])
 
 
 def test_paper_defaults_follow_the_model_size():
