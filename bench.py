@@ -181,14 +181,7 @@ def nnclr_step(stage, compile=True, batches=None, cfg=cfg):
         groups = common.decay_groups(model.head.named_parameters(), 1e-5)
     opt = common.adamw(groups, (0.9, 0.999), dev)
     common.set_lr(opt, 1e-4)
-    fwd = model
-    if args.compile and compile and args.compile_mode == "reduce-overhead":
-        # CUDA graphs: the whole forward (encoder, head, lookup, loss) as one graph, so the frozen encoder's output
-        # never leaves it (compiled on its own, stage 2's graph output was overwritten before the head read it)
-        fwd = torch.compile(model, mode="reduce-overhead")
-    elif args.compile and compile:  # as init_head.py and contrastive_tune.py do
-        model.encoder.compile(mode=args.compile_mode)
-        model.head.compile(mode=args.compile_mode)
+    fwd = common.compile_nnclr(model, args.compile_mode or "default") if args.compile and compile else model  # as the scripts
     fixed = torch.arange(B, device=dev), [images(), images()]
     batches = batches or itertools.repeat(fixed)
 

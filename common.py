@@ -128,6 +128,18 @@ def setup(args):
     return Proc(rank, world, device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
+def compile_nnclr(model, mode="default"):
+    """torch.compile a stages-2/3 model (model.MAECT); returns what to call for the forward. The default modes
+    compile the encoder and the head and leave the lookup and the loss eager; reduce-overhead (CUDA graphs) compiles
+    the whole forward as one graph: the frozen lower half runs without gradient, and as a graph of its own its
+    output would count as finished, free to be overwritten, before the upper half reads it."""
+    if mode == "reduce-overhead":
+        return torch.compile(model, mode=mode)
+    model.encoder.compile(mode=mode)
+    model.head.compile(mode=mode)
+    return model
+
+
 def ddp(model, proc):
     """Wrap in DistributedDataParallel when there are several processes. Buffers are synced once at start
     (the queue and BN statistics then stay identical on every rank by construction), not at every forward."""

@@ -160,13 +160,8 @@ def main():
 
     # ---- compile, DDP ----
     raw = model
-    if args.compile and args.compile_mode == "reduce-overhead":
-        # one graph for the whole forward: the frozen lower half runs without gradient, and as a graph of its own
-        # its output would count as finished, free to be overwritten, before the upper half reads it
-        model = torch.compile(model, mode="reduce-overhead")
-    elif args.compile:
-        model.encoder.compile()
-        model.head.compile()
+    if args.compile:
+        model = common.compile_nnclr(model, args.compile_mode)
     model = common.ddp(model, proc)
 
     # ---- loop ----

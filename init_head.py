@@ -124,8 +124,7 @@ def main():
     # ---- compile, DDP ----
     raw = model
     if args.compile:
-        model.encoder.compile()
-        model.head.compile()
+        model = common.compile_nnclr(model)
     model = common.ddp(model, proc)
 
     # ---- loop ----

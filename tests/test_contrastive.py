@@ -276,7 +276,7 @@ def test_stage3_compiles_the_whole_forward_as_one_graph_in_reduce_overhead(chain
     common_args = ["--init_from", chain / "head" / "ckpt.pt", "--dataset", "synthetic", "--epochs", "1", "--batch_size",
                    "64", "--max_steps", "1", "--device", "cpu", "--topk", "3", "--compile", "1"]
     for mode, expected in [("reduce-overhead", [("MAECT", "reduce-overhead")]),
-                           ("default", [("VisionTransformer", None), ("NNCLRHead", None)])]:
+                           ("default", [("VisionTransformer", "default"), ("NNCLRHead", "default")])]:
         compiled.clear()
         code, _, err = run_in_process(monkeypatch, capsys, "contrastive_tune.py", *common_args, "--compile_mode", mode,
                                       "--out_dir", tmp_path / mode)
