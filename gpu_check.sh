@@ -7,16 +7,18 @@
 # PARTS picks and orders the parts. Default "fmsweep" (at most 580 s; run it with timeout_s 595): the full
 # Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants (~8 minutes alone on an H200, session 5), and
 # beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
-# starting once its input checkpoint is done. Seeds 0, 1, 2 of the recipe are in RESULTS.md, and stages 2-3
-# on the CLS token, paired with the mean from the same stage 1 (seed 2 in session 6, seed 0 in session 8: k-means +3.9
-# and +1.7, NMI +3.7 and +4.1, k-NN -0.1 and -0.8). The next device session adds seed 1, and checks issue 5's stage 3
-# as CUDA graphs in the script itself (bench.py measured it in session 8):
-#   call 1: SEED=1 POOLING=cls VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean" OUT=$OUT bash gpu_check.sh
-#           (timeout_s 595; session 8's call of this shape, seed 0, took 482 s)
-#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 270 s:
-#     PARTS=ctscript OUT=$OUT bash gpu_check.sh   (timeout_s 255: contrastive_tune.py in both compile modes)
+# starting once its input checkpoint is done. Seeds 0, 1, 2 of the mean-pooled recipe are in RESULTS.md, and paired
+# with them stages 2-3 on the CLS token (k-means +1.7, +6.0, +3.9), which the recipe tunes since session 9, when the
+# script's stage 3 as CUDA graphs (part ctscript: 57,600 against 38,100 img/s) went into reproduce.sh too. The
+# recipe as it now stands has not run as one piece, and no chain has run on an H100 (the issue's card). Next device
+# session, on kind nvidia-h100-x1:
+#   call 1: SEED=3 OUT=$OUT bash gpu_check.sh   (timeout_s 595; the chain alone, a seed never run: the wall time on
+#           an H100 and a fourth seed; projected ~7.5 minutes of stages and evaluations on an H200, BENCHMARKS.md)
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 210 s:
+#     PARTS=vitt OUT=$OUT bash gpu_check.sh   (timeout_s 200; carry .devdata/fmgz and .devdata/cifar10-5k: issue 5's
+#     ViT-T end-to-end target names an H100, and every figure so far is an H200's)
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
-# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8). SEED picks the seed, E1/E2/E3
+# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -143,8 +145,8 @@ ctscript() {  # issue 5: contrastive_tune.py --compile_mode reduce-overhead (the
               # 1.17x the step, session 8) against the default mode, one after the other from one stage-2 head (a short
               # eager stage 1 and 2: only the throughput and that the mode trains matter), then k-NN of both (the modes
               # draw the top-k picks from different random streams, so their k-NN differs by noise). CUDA graphs first:
-              # it is the one not measured yet. TORCH_LOGS=perf_hints makes inductor say when it skips CUDA graphs.
-              # Not yet run on a GPU; if it holds, reproduce.sh's ViT-T recipes switch stage 3 to it.
+              # it was the one not measured. TORCH_LOGS=perf_hints makes inductor say when it skips CUDA graphs.
+              # Session 9 (H200): 57,626 against 38,111 img/s, no skipped graph; reproduce.sh's ViT-T recipes use it.
   local r=runs/fm_cts fm="--dataset fashion_mnist --data_path .devdata/fm --batch_size 1024"
   rm -rf $r
   { timeout 100 python pretrain_mae.py $fm --model vit_tiny --epochs 2 --compile 0 --out_dir $r/mae &&

@@ -104,3 +104,67 @@ def test_reproduce_from_official_mae_weights(tmp_path):
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "has its stage 1 from" in r.stderr and not (run / "mae").exists()
+
+
+FAKE_PYTHON = """#!/bin/bash
+if [ "$1" = -c ] && [[ "$2" == *device_count* ]]; then echo "$NGPU"; exit 0; fi
+case "$1" in -c|-|-m) exec {real} "$@";; esac
+echo "python $*" >> "$CALLS"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "--out_dir" ] && out=$a; prev=$a; done
+mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "cls", "knn10": 1.0}}' > "$out/results.json"
+"""
+
+
+def recipe_calls(tmp_path, recipe, ngpu, **env):
+    """The stage commands reproduce.sh gives a GPU recipe with `ngpu` visible GPUs (a fake python and torchrun record
+    them; each must parse with the script's real argparse)."""
+    import importlib
+    import sys
+    work, bin_ = tmp_path / "repo", tmp_path / "bin"
+    work.mkdir(parents=True)
+    bin_.mkdir()
+    for f in ("reproduce.sh", "eval_flags.sh"):
+        shutil.copy(REPO / f, work / f)
+    (bin_ / "python").write_text(FAKE_PYTHON.format(real=sys.executable))
+    (bin_ / "torchrun").write_text('#!/bin/bash\nshift\nexec python "$@" --launched_by_torchrun\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    full = {k: v for k, v in os.environ.items() if k not in {"POOLING", "AUG", "SEED", "E1", "E2", "E3", "STEPS", "MAE"}}
+    full.update(PATH=f"{bin_}:{os.environ['PATH']}", CALLS=str(calls), NGPU=str(ngpu), RUN=str(tmp_path / "run"), **env)
+    r = subprocess.run(["bash", str(work / "reproduce.sh"), recipe, "--data_path", "d"], capture_output=True, text=True,
+                       timeout=60, env=full)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = {}
+    for line in calls.read_text().splitlines():
+        args = line.split()[1:]
+        torchrun = args[-1] == "--launched_by_torchrun"
+        args = args[:-1] if torchrun else args
+        importlib.import_module(args[0][:-3]).parse_args(args[1:])
+        out.setdefault(args[0], []).append((args, torchrun))
+    return out
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_recipes_use_cuda_graphs_on_one_gpu_only_and_fashion_mnist_tunes_the_cls_token(tmp_path):
+    one = recipe_calls(tmp_path / "one", "fashion_mnist", 1)
+    (mae, _), = one["pretrain_mae.py"]
+    (head, _), = one["init_head.py"]
+    cts = [a for a, _ in one["contrastive_tune.py"]]
+    assert len(cts) == 2 and "aug" in cts[1]  # MAE-CT and MAE-CT_aug
+    for a in [mae] + cts:  # stages 1 and 3 as CUDA graphs
+        assert a[a.index("--compile_mode") + 1] == "reduce-overhead"
+    assert head[head.index("--pooling") + 1] == "cls"
+    assert not any(t for calls in one.values() for _, t in calls)
+    # several GPUs: torchrun, and no CUDA graphs (contrastive_tune.py refuses them there)
+    two = recipe_calls(tmp_path / "two", "fashion_mnist", 2)
+    assert all(t and "--compile_mode" not in a for calls in two.values() for a, t in calls)
+    # POOLING still overrides the recipe; CIFAR keeps the paper's mean pooling (no flag: the model size's default)
+    mean = recipe_calls(tmp_path / "mean", "fashion_mnist", 1, POOLING="mean", AUG="0")
+    (head, _), = mean["init_head.py"]
+    assert head[head.index("--pooling") + 1] == "mean"
+    cifar = recipe_calls(tmp_path / "cifar", "cifar10", 1, AUG="0")
+    (head, _), = cifar["init_head.py"]
+    (ct, _), = cifar["contrastive_tune.py"]
+    assert "--pooling" not in head and ct[ct.index("--compile_mode") + 1] == "reduce-overhead"
