@@ -7,13 +7,14 @@
 # PARTS picks and orders the parts. Default "fmsweep" (at most 580 s; run it with timeout_s 595): the full
 # Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants (~8 minutes alone on an H200, session 5), and
 # beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
-# starting once its input checkpoint is done. Seeds 0, 1, 2 of the mean-pooled recipe are in RESULTS.md, and paired
-# with them stages 2-3 on the CLS token (k-means +1.7, +6.0, +3.9), which the recipe tunes since session 9, when the
+# starting once its input checkpoint is done. Seeds 0, 1, 2 of the mean-pooled recipe are in RESULTS.md, and stages
+# 2-3 on the CLS token paired with the mean from one stage 1 per seed (seed 2 on the recipe run's, seeds 0 and 1 on
+# new ones; k-means +1.7, +6.0, +3.9), which the recipe tunes since session 9, when the
 # script's stage 3 as CUDA graphs (part ctscript: 57,600 against 38,100 img/s) went into reproduce.sh too. The
 # recipe as it now stands has not run as one piece, and no chain has run on an H100 (the issue's card). Next device
 # session, on kind nvidia-h100-x1:
 #   call 1: SEED=3 OUT=$OUT bash gpu_check.sh   (timeout_s 595; the chain alone, a seed never run: the wall time on
-#           an H100 and a fourth seed; projected ~7.5 minutes of stages and evaluations on an H200, BENCHMARKS.md)
+#           an H100 and a fourth seed; projected ~8 minutes of stages and evaluations on an H200, BENCHMARKS.md)
 #   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 210 s:
 #     PARTS=vitt OUT=$OUT bash gpu_check.sh   (timeout_s 200; carry .devdata/fmgz and .devdata/cifar10-5k: issue 5's
 #     ViT-T end-to-end target names an H100, and every figure so far is an H200's)

@@ -20,7 +20,9 @@
 # size, mean of patch tokens for ViT-B and smaller, except fashion_mnist's CLS token; it is part of stage 2's
 # settings, so a run made with one is not continued with the other), MAE=FILE (start from this stage-1 checkpoint, ours or an official MAE .pth, instead of training
 # stage 1; a path relative to this folder, like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a
-# rerun that gives another or none stops). All visible GPUs are used through torchrun.
+# rerun that gives another or none stops), GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU:
+# stages 1 and 3 (default), stage 1 only (the recipes before session 9 of RESULTS.md; with POOLING=mean for
+# fashion_mnist), or nowhere). All visible GPUs are used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error.
 set -euo pipefail
@@ -37,8 +39,9 @@ SEED=${SEED:-0}
 # chosen on GPU seed 0, RESULTS.md): 40 epochs and crops of at least half the image (--crop_min 0.5 instead of 0.08:
 # an 8% crop of a 28-px garment is an 8x8-pixel patch) gave k-means ACC 62.7 against 56.2 with the paper's 20 epochs
 # and 0.08 (k-NN@10 88.1 vs 87.7); on seed 1, 62.9 vs 59.9. Its stages 2-3 tune the CLS token, not the paper's mean
-# of patch tokens: paired from one stage 1 on three GPU seeds, k-means ACC +1.7, +3.9, +6.0, NMI +3.2 to +4.1, at
-# k-NN@10 -0.8, -0.1, -0.05 (a ViT-T/4's CLS token clusters better than its mean from stage 1 on; RESULTS.md).
+# of patch tokens: paired from one stage 1 on GPU seeds 0, 1, 2, k-means ACC +1.7, +6.0, +3.9, NMI +3.2 to +4.1, at
+# k-NN@10 -0.8, -0.05, -0.07 (a ViT-T/4's CLS token clusters better than its mean from stage 1 on; RESULTS.md).
+graphs=0; pool=; mae_extra=; ct_extra=  # set by the recipe only, never taken from the environment
 case $name in
   smoke)         data="--dataset synthetic"; model=vit_nano; e=(30 10 10); bs=(256 256 256)
                  head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; extra_ct="--topk 5" ;;
@@ -66,8 +69,11 @@ E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
 ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-if [ "${graphs:-0}" = 1 ] && [ "$ngpu" -le 1 ]; then  # CUDA graphs were measured on one GPU, not under DDP
-  mae_extra="${mae_extra:-} --compile_mode reduce-overhead"; ct_extra="--compile_mode reduce-overhead"
+GRAPHS=${GRAPHS:-all}
+case $GRAPHS in all|mae|none) ;; *) echo "error: GRAPHS='$GRAPHS' (all, mae or none)" >&2; exit 2 ;; esac
+if [ "$graphs" = 1 ] && [ "$ngpu" -le 1 ]; then  # measured on one GPU, not under DDP
+  if [ "$GRAPHS" != none ]; then mae_extra="$mae_extra --compile_mode reduce-overhead"; fi
+  if [ "$GRAPHS" = all ]; then ct_extra="--compile_mode reduce-overhead"; fi
 fi
 if [ "$ngpu" -gt 1 ]; then launch=(torchrun --nproc_per_node="$ngpu"); else launch=(python); fi
 # Where the run's stage 1 comes from (RUN/MAE): trained here, or a given file. A rerun that says otherwise stops here,
@@ -106,15 +112,15 @@ evaluate() {  # evaluate NAME CHECKPOINT
 if [ -n "${MAE:-}" ]; then
   mae=$MAE  # given: stage 1 is not run
 else
-  stage mae pretrain_mae.py --model $model ${mae_extra:-} --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
+  stage mae pretrain_mae.py --model $model $mae_extra --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
   mae=$RUN/mae/ckpt.pt
 fi
 evaluate eval_mae "$mae"
 stage head init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
-stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct ${ct_extra:-} --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
+stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
 evaluate eval_ct "$RUN/ct/ckpt.pt"
 if [ "${AUG:-1}" != 0 ]; then
-  stage ct_aug contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct ${ct_extra:-} --views aug --head_blr 5e-4 --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
+  stage ct_aug contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct $ct_extra --views aug --head_blr 5e-4 --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
   evaluate eval_ct_aug "$RUN/ct_aug/ckpt.pt"
 fi
 

@@ -72,6 +72,9 @@ def test_reproduce_rejects_unknown_recipe_and_pooling(tmp_path):
                        text=True, timeout=60, env=dict(os.environ, POOLING="CLS", RUN=str(tmp_path / "run")))
     assert r.returncode == 2 and r.stderr.startswith("error: POOLING='CLS'") and not (tmp_path / "run").exists()
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, GRAPHS="0", RUN=str(tmp_path / "run")))
+    assert r.returncode == 2 and r.stderr.startswith("error: GRAPHS='0'") and not (tmp_path / "run").exists()
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, MAE=str(tmp_path / "nope.pth"), RUN=str(tmp_path / "run")))
     assert r.returncode == 2 and r.stderr.startswith("error: MAE=") and not (tmp_path / "run").exists()
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device"], cwd=REPO, capture_output=True,
@@ -117,8 +120,8 @@ mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "cls", "knn10": 1.
 
 
 def recipe_calls(tmp_path, recipe, ngpu, **env):
-    """The stage commands reproduce.sh gives a GPU recipe with `ngpu` visible GPUs (a fake python and torchrun record
-    them; each must parse with the script's real argparse)."""
+    """The stage commands reproduce.sh gives `recipe` with `ngpu` visible GPUs (a fake python and torchrun record
+    them; each must parse with the script's real argparse), as {script: [(args, launched by torchrun)]}."""
     import importlib
     import sys
     work, bin_ = tmp_path / "repo", tmp_path / "bin"
@@ -131,8 +134,8 @@ def recipe_calls(tmp_path, recipe, ngpu, **env):
     for f in bin_.iterdir():
         f.chmod(0o755)
     calls = tmp_path / "calls.log"
-    full = {k: v for k, v in os.environ.items() if k not in {"POOLING", "AUG", "SEED", "E1", "E2", "E3", "STEPS", "MAE"}}
-    full.update(PATH=f"{bin_}:{os.environ['PATH']}", CALLS=str(calls), NGPU=str(ngpu), RUN=str(tmp_path / "run"), **env)
+    full = {"PATH": f"{bin_}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", str(tmp_path)), "CALLS": str(calls),
+            "NGPU": str(ngpu), "RUN": str(tmp_path / "run"), **env}  # nothing else from the caller's environment
     r = subprocess.run(["bash", str(work / "reproduce.sh"), recipe, "--data_path", "d"], capture_output=True, text=True,
                        timeout=60, env=full)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -146,25 +149,40 @@ def recipe_calls(tmp_path, recipe, ngpu, **env):
     return out
 
 
+def value(args, name):
+    return args[args.index(name) + 1] if name in args else None
+
+
+# recipe: (CUDA graphs in stages 1 and 3 on one GPU, the pooling stages 2-3 are told to tune; None: the model size's)
+RECIPES = {"smoke": (False, None), "cifar10_5k": (False, None), "fashion_mnist": (True, "cls"), "cifar10": (True, None),
+           "cifar100": (True, None), "imagenet100": (False, None), "imagenet": (False, None)}
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_recipes_use_cuda_graphs_on_one_gpu_only_and_fashion_mnist_tunes_the_cls_token(tmp_path):
-    one = recipe_calls(tmp_path / "one", "fashion_mnist", 1)
-    (mae, _), = one["pretrain_mae.py"]
-    (head, _), = one["init_head.py"]
-    cts = [a for a, _ in one["contrastive_tune.py"]]
-    assert len(cts) == 2 and "aug" in cts[1]  # MAE-CT and MAE-CT_aug
-    for a in [mae] + cts:  # stages 1 and 3 as CUDA graphs
-        assert a[a.index("--compile_mode") + 1] == "reduce-overhead"
-    assert head[head.index("--pooling") + 1] == "cls"
-    assert not any(t for calls in one.values() for _, t in calls)
-    # several GPUs: torchrun, and no CUDA graphs (contrastive_tune.py refuses them there)
-    two = recipe_calls(tmp_path / "two", "fashion_mnist", 2)
-    assert all(t and "--compile_mode" not in a for calls in two.values() for a, t in calls)
-    # POOLING still overrides the recipe; CIFAR keeps the paper's mean pooling (no flag: the model size's default)
-    mean = recipe_calls(tmp_path / "mean", "fashion_mnist", 1, POOLING="mean", AUG="0")
-    (head, _), = mean["init_head.py"]
-    assert head[head.index("--pooling") + 1] == "mean"
-    cifar = recipe_calls(tmp_path / "cifar", "cifar10", 1, AUG="0")
-    (head, _), = cifar["init_head.py"]
-    (ct, _), = cifar["contrastive_tune.py"]
-    assert "--pooling" not in head and ct[ct.index("--compile_mode") + 1] == "reduce-overhead"
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, recipe):
+    graphs, pooling = RECIPES[recipe]
+    for ngpu in (1, 2):
+        calls = recipe_calls(tmp_path / str(ngpu), recipe, ngpu)
+        (mae, _), = calls["pretrain_mae.py"]
+        (head, _), = calls["init_head.py"]
+        cts = [a for a, _ in calls["contrastive_tune.py"]]
+        assert len(cts) == 2 and value(cts[1], "--views") == "aug"  # MAE-CT and MAE-CT_aug
+        want = "reduce-overhead" if graphs and ngpu == 1 else None  # torchrun: never (contrastive_tune.py refuses it)
+        assert [value(a, "--compile_mode") for a in [mae] + cts] == [want] * 3
+        assert value(head, "--pooling") == pooling
+        assert all(t == (ngpu > 1) for c in calls.values() for _, t in c)
+    if graphs:  # GRAPHS=mae: stage 1 only (the recipes before session 9), none: nowhere; POOLING overrides the recipe
+        for knob, stage1 in (("mae", "reduce-overhead"), ("none", None)):
+            calls = recipe_calls(tmp_path / knob, recipe, 1, GRAPHS=knob, POOLING="mean", AUG="0")
+            (mae, _), = calls["pretrain_mae.py"]
+            (ct, _), = calls["contrastive_tune.py"]
+            assert value(mae, "--compile_mode") == stage1 and value(ct, "--compile_mode") is None
+            (head, _), = calls["init_head.py"]
+            assert value(head, "--pooling") == "mean"
+    # the recipe's own variables are not taken from the environment
+    calls = recipe_calls(tmp_path / "env", recipe, 2, AUG="0", ct_extra="--compile_mode reduce-overhead", pool="cls",
+                         graphs="1", mae_extra="--compile_mode reduce-overhead")
+    assert all(value(a, "--compile_mode") is None for c in calls.values() for a, _ in c)
+    (head, _), = calls["init_head.py"]
+    assert value(head, "--pooling") == pooling
