@@ -15,9 +15,13 @@
 # session, on kind nvidia-h100-x1:
 #   call 1: SEED=3 OUT=$OUT bash gpu_check.sh   (timeout_s 595; the chain alone, a seed never run: the wall time on
 #           an H100 and a fourth seed; projected ~8 minutes of stages and evaluations on an H200, BENCHMARKS.md)
-#   call 2, at once on the still-warm machine (it is given back after ~30 s idle), if status leaves >= 210 s:
-#     PARTS=vitt OUT=$OUT bash gpu_check.sh   (timeout_s 200; carry .devdata/fmgz and .devdata/cifar10-5k: issue 5's
-#     ViT-T end-to-end target names an H100, and every figure so far is an H200's)
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle; its runs/fm_gpu/head is kept), if
+#   status leaves >= 250 s: two 80-epoch stage-3 variants side by side from call 1's head, towards issue 6's k-means
+#   >= 70 (40 epochs gave +2.8 to +3.3 k-means over 20 in session 4; with CUDA graphs 80 epochs cost ~85 s alone):
+#     SEED=3 T5=225 PARTS=variants VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead;e80aug|--views aug
+#     --head_blr 5e-4 --crop_min 0.5 --epochs 80 --compile_mode reduce-overhead" OUT=$OUT bash gpu_check.sh  (timeout_s 240)
+#   otherwise, with >= 210 s: PARTS=vitt (timeout_s 200; carry .devdata/cifar10-5k too): issue 5's ViT-T end-to-end
+#   target names an H100, and every benchmark figure so far is an H200's.
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
