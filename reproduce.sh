@@ -18,11 +18,12 @@
 # stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug), POOLING=cls|mean
 # (the encoder feature stages 2 and 3 tune and the table leads with; default the recipe's: the paper's for the model
 # size, mean of patch tokens for ViT-B and smaller, except fashion_mnist's CLS token; it is part of stage 2's
-# settings, so a run made with one is not continued with the other), MAE=FILE (start from this stage-1 checkpoint, ours or an official MAE .pth, instead of training
-# stage 1; a path relative to this folder, like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a
-# rerun that gives another or none stops), GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU:
-# stages 1 and 3 (default), stage 1 only (the recipes before session 9 of RESULTS.md; with POOLING=mean for
-# fashion_mnist), or nowhere). All visible GPUs are used through torchrun.
+# settings, so a run made with one is not continued with the other), MAE=FILE (start from this stage-1 checkpoint,
+# ours or an official MAE .pth, instead of training stage 1; a path relative to this folder, like --data_path; it is
+# evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none stops), GRAPHS=all|mae|none
+# (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1 only (the recipes before
+# session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere). All visible GPUs are used through
+# torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error.
 set -euo pipefail
