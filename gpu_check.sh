@@ -89,8 +89,10 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on 
              # OUT/*.log, so a call cut off before the tarballs loses none.
   local END=$((SECONDS + ${T5:-580}))
   rm -rf runs/fm_gpu
+  # TORCH_LOGS=dynamo: each stage logs when tracing and compiling start and end, and its compile times at exit
+  # (~40 lines): is stage 1's ~100-s first log window (sessions 4-9) compilation, or graph recording and the rest?
   timeout "$(left)" env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
-      bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
+      TORCH_LOGS="${FM_TORCH_LOGS-dynamo}" bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
   CHAIN=$!
   variants "$END"
   wait $CHAIN
