@@ -57,8 +57,8 @@ def parse_args(argv=None):
                         "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "
                         "as one graph and replayed as CUDA graphs: 1.51x the images/s of ViT-T on 28 px in this script "
                         "(BENCHMARKS.md), whose step is bound by the host; reproduce.sh's ViT-T recipes use it on one "
-                        "GPU. With --compile 1 (the default on CUDA); one process only. The top-k draws come from another random "
-                        "stream than in the default mode, so resume a run in the mode it started in")
+                        "GPU. With --compile 1 (the default on CUDA); one process only. The top-k draws come from "
+                        "another random stream than in the default mode, so resume a run in the mode it started in")
     return p.parse_args(argv)
 
 

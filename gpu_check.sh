@@ -9,8 +9,8 @@
 # beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
 # starting once its input checkpoint is done. Seeds 0, 1, 2 of the mean-pooled recipe are in RESULTS.md, and stages
 # 2-3 on the CLS token paired with the mean from one stage 1 per seed (seed 2 on the recipe run's, seeds 0 and 1 on
-# new ones; k-means +1.7, +6.0, +3.9), which the recipe tunes since session 9, when the
-# script's stage 3 as CUDA graphs (part ctscript: 57,600 against 38,100 img/s) went into reproduce.sh too. The
+# new ones; k-means +1.7, +6.0, +3.9), which the recipe tunes since session 9, when the script's stage 3 as CUDA
+# graphs (part ctscript: 57,600 against 38,100 img/s) went into reproduce.sh too. The
 # recipe as it now stands has not run as one piece, and no chain has run on an H100 (the issue's card). Next device
 # session, on kind nvidia-h100-x1:
 #   call 1: SEED=3 OUT=$OUT bash gpu_check.sh   (timeout_s 595; the chain alone, a seed never run: the wall time on
@@ -137,7 +137,7 @@ variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARI
   wait "${pids[@]}"  # (a bare wait would also wait for fmsweep's chain)
   [ -n "${CHAIN:-}" ] || tar czf "$OUT/variants.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null  # fmsweep archives its own
 }
-ctgraphs() {  # issue 5: stage 3 as CUDA graphs. bench.py only (the stage scripts stay in the default mode): the
+ctgraphs() {  # issue 5: stage 3 as CUDA graphs in bench.py (part ctscript runs the script itself): the
               # whole forward (encoder, head, lookup, loss) as one graph, against the scripts' default-mode compile,
               # ViT-T/4 at Fashion-MNIST's 28 px, batch 1024, back to back on the same card: the step alone and fed
               # by the real data path (two views cropped and flipped on the GPU), so the data path's share shows too.

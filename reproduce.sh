@@ -60,7 +60,7 @@ if [ -n "${MAE:-}" ]; then
   [ -f "$MAE" ] || { echo "error: MAE=$MAE: no such file (a stage-1 checkpoint or an official MAE .pth, relative to $(pwd))" >&2; exit 2; }
   case $MAE in /*) ;; *) MAE=$(pwd)/$MAE ;; esac  # one spelling, so that a rerun compares equal
 fi
-POOLING=${POOLING:-${pool:-}}
+POOLING=${POOLING:-$pool}
 case $POOLING in
   ""|cls|mean) ;;
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the recipe's default)" >&2; exit 2 ;;

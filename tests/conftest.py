@@ -65,6 +65,46 @@ def run_in_process(monkeypatch, capsys, script, *args):
     return code, captured.out, captured.err
 
 
+# A stand-in `python` (and `torchrun`) for the tests of the shell scripts that run the stages (reproduce.sh,
+# gpu_check.sh): it appends each stage command to $CALLS and writes the files a stage would, so their order and
+# flags are checked in seconds. `python -c/-/-m` run for real, except the GPU count, which is $NGPU when set.
+# A command with --fail_here, or of the script $FAIL_SCRIPT, fails.
+FAKE_PYTHON = """#!/bin/bash
+if [ "$1" = -c ] && [ -n "${{NGPU:-}}" ] && [[ "$2" == *device_count* ]]; then echo "$NGPU"; exit 0; fi
+case "$1" in -c|-|-m) exec {real} "$@";; esac
+echo "$*" >> "$CALLS"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "--out_dir" ] && out=$a; prev=$a; done
+case "$1 $*" in *"--fail_here"*|"${{FAIL_SCRIPT:-none}} "*) exit 1;; esac
+mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "mean", "knn10": 1.0}}' > "$out/results.json"
+"""
+STAGE_SCRIPTS = ("pretrain_mae.py", "init_head.py", "contrastive_tune.py", "evaluate.py")
+
+
+def fake_python(bin_dir):
+    """Write the fake `python` and a `torchrun` that runs it with a trailing --launched_by_torchrun into bin_dir."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "python").write_text(FAKE_PYTHON.format(real=sys.executable))
+    (bin_dir / "torchrun").write_text('#!/bin/bash\nshift\nexec python "$@" --launched_by_torchrun\n')
+    for f in ("python", "torchrun"):
+        (bin_dir / f).chmod(0o755)
+
+
+def recorded_calls(calls_file):
+    """The fake's recorded commands as (args, launched by torchrun). Every stage command must parse with the
+    script's real argparse: a misspelt flag fails here, not on a GPU (the fake failure marker is exempt)."""
+    import importlib
+    out = []
+    for line in calls_file.read_text().splitlines():
+        args = line.split()
+        torchrun = args[-1] == "--launched_by_torchrun"
+        args = args[:-1] if torchrun else args
+        if args[0] in STAGE_SCRIPTS and "--fail_here" not in args:
+            importlib.import_module(args[0][:-3]).parse_args(args[1:])
+        out.append((args, torchrun))
+    return out
+
+
 def ok(r):
     """Assert a CompletedProcess succeeded, showing the end of its output when it did not."""
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"

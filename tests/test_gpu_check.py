@@ -2,25 +2,11 @@
 run in a copy of the scripts with a fake `python` that records every stage call and writes the files a stage
 would, so the order, the flags and the failure lines are checked on CPU in seconds."""
 
-import importlib
 import os
 import shutil
 import subprocess
-import sys
 
-from tests.conftest import REPO
-
-FAKE = """#!/bin/bash
-case "$1" in -c|-|-m) exec {real} "$@";; esac
-echo "$*" >> "$CALLS"
-out=""; prev=""
-for a in "$@"; do [ "$prev" = "--out_dir" ] && out=$a; prev=$a; done
-case "$1 $*" in *"--fail_here"*|"$FAIL_SCRIPT "*) exit 1;; esac
-mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "mean", "knn10": 1.0}}' > "$out/results.json"
-"""
-
-
-PARSERS = ("pretrain_mae.py", "init_head.py", "contrastive_tune.py", "evaluate.py")
+from tests.conftest import REPO, fake_python, recorded_calls
 
 
 def run_gpu_check(tmp_path, **env):
@@ -29,25 +15,19 @@ def run_gpu_check(tmp_path, **env):
     for f in ("gpu_check.sh", "reproduce.sh"):
         shutil.copy(REPO / f, work / f)
     bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    (bin_ / "python").write_text(FAKE.format(real=sys.executable))
-    (bin_ / "python").chmod(0o755)
+    fake_python(bin_)
     calls = tmp_path / "calls.log"
     calls.touch()
     out = tmp_path / "out"
     # gpu_check's own settings come from the test only, never from the environment the tests run in
     knobs = {"PARTS", "VARIANTS", "T5", "T6", "T7", "RNG", "SEED", "E1", "E2", "E3", "AUG", "FM_FLAGS", "STEPS", "EVAL", "RUN",
-             "POOLING"}
+             "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS"}
     full = {k: v for k, v in os.environ.items() if k not in knobs}
     full.update({"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), "FAIL_SCRIPT": "none",
                  **env})
     r = subprocess.run(["bash", str(work / "gpu_check.sh")], capture_output=True, text=True, timeout=120, env=full)
     assert r.returncode == 0 and "gpu_check done" in r.stdout, r.stdout + r.stderr
-    calls_ = [line.split() for line in calls.read_text().splitlines()]
-    for c in calls_:  # every stage call must parse: a misspelt flag would cost a device session
-        if c[0] in PARSERS and "--fail_here" not in c:  # (the fake failure marker of one test)
-            importlib.import_module(c[0][:-3]).parse_args(c[1:])
-    return calls_, out, r.stdout
+    return [args for args, _ in recorded_calls(calls)], out, r.stdout  # each stage call parsed
 
 
 def flag(call, name):

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, load_ckpt
+from tests.conftest import REPO, fake_python, load_ckpt, recorded_calls
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -109,30 +109,14 @@ def test_reproduce_from_official_mae_weights(tmp_path):
     assert r.returncode == 2 and "has its stage 1 from" in r.stderr and not (run / "mae").exists()
 
 
-FAKE_PYTHON = """#!/bin/bash
-if [ "$1" = -c ] && [[ "$2" == *device_count* ]]; then echo "$NGPU"; exit 0; fi
-case "$1" in -c|-|-m) exec {real} "$@";; esac
-echo "python $*" >> "$CALLS"
-out=""; prev=""
-for a in "$@"; do [ "$prev" = "--out_dir" ] && out=$a; prev=$a; done
-mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "cls", "knn10": 1.0}}' > "$out/results.json"
-"""
-
-
 def recipe_calls(tmp_path, recipe, ngpu, **env):
-    """The stage commands reproduce.sh gives `recipe` with `ngpu` visible GPUs (a fake python and torchrun record
-    them; each must parse with the script's real argparse), as {script: [(args, launched by torchrun)]}."""
-    import importlib
-    import sys
+    """The stage commands reproduce.sh gives `recipe` with `ngpu` visible GPUs (recorded by the fake python and
+    torchrun, each parsed with the script's real argparse), as {script: [(args, launched by torchrun)]}."""
     work, bin_ = tmp_path / "repo", tmp_path / "bin"
     work.mkdir(parents=True)
-    bin_.mkdir()
     for f in ("reproduce.sh", "eval_flags.sh"):
         shutil.copy(REPO / f, work / f)
-    (bin_ / "python").write_text(FAKE_PYTHON.format(real=sys.executable))
-    (bin_ / "torchrun").write_text('#!/bin/bash\nshift\nexec python "$@" --launched_by_torchrun\n')
-    for f in bin_.iterdir():
-        f.chmod(0o755)
+    fake_python(bin_)
     calls = tmp_path / "calls.log"
     full = {"PATH": f"{bin_}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", str(tmp_path)), "CALLS": str(calls),
             "NGPU": str(ngpu), "RUN": str(tmp_path / "run"), **env}  # nothing else from the caller's environment
@@ -140,11 +124,7 @@ def recipe_calls(tmp_path, recipe, ngpu, **env):
                        timeout=60, env=full)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = {}
-    for line in calls.read_text().splitlines():
-        args = line.split()[1:]
-        torchrun = args[-1] == "--launched_by_torchrun"
-        args = args[:-1] if torchrun else args
-        importlib.import_module(args[0][:-3]).parse_args(args[1:])
+    for args, torchrun in recorded_calls(calls):
         out.setdefault(args[0], []).append((args, torchrun))
     return out
 
