@@ -61,7 +61,7 @@ evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
 # ---- 1: the head's own embedding vs the frozen encoder's features (one stage-2 checkpoint) ----
 for f in encoder projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt" --features $f "${pass[@]}"; done
 
-# ---- 2: top-k lookup strength, and hand-made augmentation, all from the same stage-2 head ----
+# ---- 2: top-k lookup strength from the same stage-2 head, and hand-made augmentation (MAE-CT_aug) ----
 warm=$((E3 / 5))
 for k in $TOPKS; do
   if [ "$k" = "$topk" ]; then  # reproduce.sh's stage 3 is this arm (same head, epochs and flags)
@@ -70,7 +70,7 @@ for k in $TOPKS; do
   run "$A/ct_k$k" contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head --topk "$k" --epochs "$E3" --warmup_epochs $warm $cap "$@"
   evaluate "$A/eval_ct_k$k" "$A/ct_k$k/ckpt.pt" "${pass[@]}"
 done
-# reproduce.sh's MAE-CT_aug stage is this arm (same head, top-k, epochs and flags)
+# reproduce.sh's MAE-CT_aug is this arm: same stage 1, top-k and epochs; as the authors, its own head on colour views
 ln -sfn ../ct_aug "$A/ct_aug"; ln -sfn ../eval_ct_aug "$A/eval_ct_aug"
 
 # ---- 3: joint MAE + lambda * NNCLR from scratch, the budget of the whole sequential recipe ----
@@ -98,10 +98,11 @@ for f in ("encoder", "projector", "predictor"):
     r = res(f"{A}/f1_{f}")
     out.append(f"| {f} | {r['feature_dim']} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} |")
 
-out += ["", f"## 2. Contrastive tuning from the same head, {E3} epochs each: top-k lookup vs hand-made augmentation", "",
+out += ["", f"## 2. Contrastive tuning, {E3} epochs each, from the same head (the aug arm: from its own): top-k lookup vs "
+        "hand-made augmentation", "",
         "| arm | k-NN@10 | k-NN@20 | linear | final NNCLR loss | final nn_acc | train s |", "|---|---|---|---|---|---|---|"]
 arms = [(f"top-{k}, crop+flip" + (" (reproduce.sh stage 3)" if k == topk else ""), f"ct_k{k}") for k in topks]
-arms.append((f"top-{topk}, --views aug (BYOL colour), head_blr 5e-4 (reproduce.sh MAE-CT_aug)", "ct_aug"))
+arms.append((f"top-{topk}, BYOL colour views, head_blr 5e-4, its own colour-view head (reproduce.sh MAE-CT_aug)", "ct_aug"))
 for label, d in arms:
     r, last = res(f"{A}/eval_{d}"), log(f"{A}/{d}")[-1]
     out.append(f"| {label} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} | "

@@ -6,8 +6,11 @@ embedding in the queue: the lookup is the augmentation, so crop and flip are the
 half (with patch embedding and CLS token) stays frozen in eval mode and runs without gradient; upper blocks get
 layer-wise decayed learning rates (0.65 per block from the top); an EMA of the projector (0.99) embeds the
 queries for the lookup and fills the queue. The head's shape, its pooling and the queue length are the stage-2
-checkpoint's; settings that the paper changes with the model size follow that checkpoint's model unless given:
-temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H); for H also target EMA 0.995 and 30 epochs instead of 20.
+checkpoint's, and so are its views: a head from `init_head.py --views aug` is tuned with the BYOL colour pipeline too
+(MAE-CT_aug). Settings the authors change with the model size and the variant follow that checkpoint unless given
+(their configs): MAE-CT temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H), top-20, head lr as the encoder's,
+20 epochs (30 for H, with target EMA 0.995); MAE-CT_aug head blr 5e-4, top-10 (20 for H), 80 epochs for B and
+smaller, 40 for L and H, temperature 0.35 for H. AdamW betas (0.9, 0.95), as in every stage.
 
     # CPU smoke run
     python contrastive_tune.py --init_from runs/head_smoke/ckpt.pt --dataset synthetic --epochs 3 --out_dir runs/ct_smoke --device cpu
@@ -16,7 +19,7 @@ temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H); for H also target EMA 0.995 
     # ImageNet, ViT-B/16, 8 GPUs (paper: 20 epochs, batch 1024, temperature 0.15)
     torchrun --nproc_per_node=8 contrastive_tune.py --init_from runs/head_in1k/ckpt.pt --dataset imagefolder \\
         --data_path /data/imagenet --batch_size 1024 --out_dir runs/ct_in1k
-    # MAE-CT_aug: add --views aug --head_blr 5e-4
+    # MAE-CT_aug: start from a head trained with `init_head.py --views aug`; its views and the _aug settings follow
 
 Writes OUT_DIR/ckpt.pt (stage "ct"; with --encoder_ema also the EMA encoder) and log.jsonl; evaluate.py reads it.
 """
@@ -33,25 +36,30 @@ from init_head import add_head_args, check_queue, nn_accuracy
 from model import MAECT
 
 
-# The paper's stage-3 settings (SPEC, stage 3): the first line for B and smaller, then what L and H change.
-PAPER = dict(temperature=0.15, target_ema=0.99, epochs=20)
-PAPER_BY_MODEL = {"vit_large": dict(temperature=0.2), "vit_huge": dict(temperature=0.3, target_ema=0.995, epochs=30)}
+# The authors' stage-3 settings (their configs, ml-jku/MAE-CT yamls/stage3_*), per variant: the first line for B and
+# smaller, then what L and H change. Their MAE-CT_aug configs exist for B/16, L/16 and H/14; ours takes H/14's for H.
+PAPER = {"minimal": dict(temperature=0.15, target_ema=0.99, epochs=20, topk=20, head_blr=1e-4),
+         "aug": dict(temperature=0.15, target_ema=0.99, epochs=80, topk=10, head_blr=5e-4)}
+PAPER_BY_MODEL = {
+    "minimal": {"vit_large": dict(temperature=0.2), "vit_huge": dict(temperature=0.3, target_ema=0.995, epochs=30)},
+    "aug": {"vit_large": dict(epochs=40), "vit_huge": dict(temperature=0.35, target_ema=0.995, epochs=40, topk=20)}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct",
-                           epochs_help="passes over the training set (default: the paper's, 20; 30 for H)")
+                           epochs_help="passes over the training set (default: the paper's: 20, 30 for H; MAE-CT_aug 80, "
+                                       "40 for L and H)")
     add_head_args(p, stage3=True)
     g = p.add_argument_group("contrastive tuning")
-    g.add_argument("--topk", type=int, default=20, help="the positive is drawn uniformly from this many nearest neighbours (paper: 20; 1 = NNCLR)")
+    g.add_argument("--topk", type=int, default=None, help="the positive is drawn uniformly from this many nearest neighbours (default: the paper's, 20; 10 for MAE-CT_aug with B and L; 1 = NNCLR)")
     g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen (default: half the depth)")
     g.add_argument("--layer_decay", type=float, default=0.65, help="block b trains at lr * layer_decay^(depth - b)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of the encoder")
-    g.add_argument("--head_blr", type=float, default=1e-4, help="base lr of the head (paper: 1e-4; 5e-4 for MAE-CT_aug)")
+    g.add_argument("--head_blr", type=float, default=None, help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
     g.add_argument("--target_ema", type=float, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
     g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 on ImageNet; 0 = off)")
-    g.add_argument("--views", default="minimal", choices=["minimal", "aug"], help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug)")
+    g.add_argument("--views", default=None, choices=["minimal", "aug"], help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug) (default: the views the stage-2 head was trained on)")
     g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
                    help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
                         "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "
@@ -63,8 +71,9 @@ def parse_args(argv=None):
 
 
 def paper_defaults(args, model_name):
-    """Fill the flags left unset (temperature, target_ema, epochs) with the paper's values for this model size."""
-    for k, v in {**PAPER, **PAPER_BY_MODEL.get(model_name, {})}.items():
+    """Fill the flags left unset (temperature, target_ema, epochs, topk, head_blr) with the paper's values for this
+    variant (args.views) and model size."""
+    for k, v in {**PAPER[args.views], **PAPER_BY_MODEL[args.views].get(model_name, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
 
@@ -86,8 +95,6 @@ def main():
     args = parse_args()
     if args.dataset not in data.DATASETS:
         raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
-    if args.topk < 1:
-        raise common.UserError("--topk must be at least 1")
     if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise common.UserError("--compile_mode reduce-overhead is for one process: the cross-rank gather inside the "
                                "graph is untested")
@@ -106,7 +113,10 @@ def main():
         if args.queue_size % args.batch_size:
             raise common.UserError(f"the stage-2 head's queue ({args.queue_size}) is not a multiple of --batch_size "
                                    f"{args.batch_size}; pass --queue_size (a multiple) to start with an empty queue")
+    args.views = args.views or head_args.get("views", "minimal")  # heads saved before --views existed: crop + flip
     paper_defaults(args, cfg["model"])
+    if args.topk < 1:
+        raise common.UserError("--topk must be at least 1")
     args.img_size = args.img_size or cfg["img_size"]
     if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
         raise common.UserError(f"{args.init_from} was trained on {cfg['in_chans']}-channel {cfg['img_size']} px images; "
@@ -146,7 +156,7 @@ def main():
 
     # ---- optimiser: lr = blr * views per step / 256, scaled per group ----
     lr = args.blr * args.batch_size * 2 / 256
-    opt = common.adamw(param_groups(model, args), (0.9, 0.999), proc.device)
+    opt = common.adamw(param_groups(model, args), proc.device)
     step = 0
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["ct"])

@@ -5,7 +5,8 @@
 #   mkdir -p .devdata/fmgz && cp /usr/share/datasets/fashion-mnist/*.gz .devdata/fmgz/ && cp -r ../shared/data/cifar10-5k .devdata/
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
 # PARTS picks and orders the parts. Default "fmsweep" (at most 580 s; run it with timeout_s 595): the full
-# Fashion-MNIST recipe, 100 + 20 + 40 epochs, both stage-3 variants (~8 minutes alone on an H200, session 5), and
+# Fashion-MNIST recipe, 100 + 20 + 40 epochs, MAE-CT and MAE-CT_aug (~8 minutes alone on an H200, session 5; since
+# session 10 MAE-CT_aug trains its own head on the colour views, one more 20-epoch stage 2, ~40 s), and
 # beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
 # starting once its input checkpoint is done. Seeds 0, 1, 2 of the mean-pooled recipe are in RESULTS.md, and stages
 # 2-3 on the CLS token paired with the mean from one stage 1 per seed (seed 2 on the recipe run's, seeds 0 and 1 on
@@ -14,12 +15,15 @@
 # recipe as it now stands has not run as one piece, and no chain has run on an H100 (the issue's card). Next device
 # session, on kind nvidia-h100-x1:
 #   call 1: SEED=3 OUT=$OUT bash gpu_check.sh   (timeout_s 595; the chain alone, a seed never run: the wall time on
-#           an H100 and a fourth seed; projected ~8 minutes of stages and evaluations on an H200, BENCHMARKS.md)
+#           an H100 and a fourth seed; projected ~8 minutes of stages and evaluations on an H200, BENCHMARKS.md, plus
+#           ~40 s for MAE-CT_aug's own head; the first run with session 10's stage-2/3 settings: AdamW beta2 0.95
+#           and the head's default init, as the authors, RESULTS.md)
 #   call 2, at once on the still-warm machine (it is given back after ~30 s idle; its runs/fm_gpu/head is kept), if
 #   status leaves >= 250 s: two 80-epoch stage-3 variants side by side from call 1's head, towards issue 6's k-means
 #   >= 70 (40 epochs gave +2.8 to +3.3 k-means over 20 in session 4; with CUDA graphs 80 epochs cost ~85 s alone):
-#     SEED=3 T5=225 PARTS=variants VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead;e80aug|--views aug
-#     --head_blr 5e-4 --crop_min 0.5 --epochs 80 --compile_mode reduce-overhead" OUT=$OUT bash gpu_check.sh  (timeout_s 240)
+#     SEED=3 T5=225 PARTS=variants VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead;e80aug|--crop_min
+#     0.5 --epochs 80 --compile_mode reduce-overhead|--views aug" OUT=$OUT bash gpu_check.sh  (timeout_s 240; e80aug
+#     trains its own colour-view head first, ~40 s, and its stage 3 takes the _aug settings from it)
 #   otherwise, with >= 210 s: PARTS=vitt (timeout_s 200; carry .devdata/cifar10-5k too): issue 5's ViT-T end-to-end
 #   target names an H100, and every benchmark figure so far is an H200's.
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
@@ -113,7 +117,7 @@ variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARI
     IFS='|' read -r name flags hflags <<< "$v"
     name=${name// /}
     if [[ $v != *"|"* || -z $name ]]; then echo "variants: '$v' is not name|flags, skipped"; continue; fi
-    case $name in mae|head|ct|ct_aug|eval_*|head_*) echo "variants: '$name' is a folder of the chain, skipped"; continue ;; esac
+    case $name in mae|head|ct|aug|ct_aug|eval_*|head_*) echo "variants: '$name' is a folder of the chain, skipped"; continue ;; esac
     ( head=runs/fm_gpu/head
       if [ -n "$hflags" ]; then
         await runs/fm_gpu/mae/DONE || { echo "variants: $name: the chain's stage 1 did not finish"; exit 1; }

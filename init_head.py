@@ -3,6 +3,7 @@
 Contrastive tuning needs a head that already structures the embedding well; a random head would first pull the
 encoder towards its own noise. So: encoder frozen (eval mode, no gradient), head trained with NNCLR where the
 positive of each view is the exact nearest neighbour (top-1) of the other view in a queue of past embeddings.
+For MAE-CT_aug the authors train this head on the BYOL colour views (--views aug); stage 3 then keeps them.
 
     # CPU smoke run on generated shapes, from a stage-1 checkpoint
     python init_head.py --init_from runs/mae_smoke/ckpt.pt --dataset synthetic --epochs 3 --out_dir runs/head_smoke --device cpu
@@ -23,13 +24,16 @@ import torch
 import common
 import data
 import evaluate
-from model import MAECT, init_weights
+from model import MAECT
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head")
     add_head_args(p)
+    p.add_argument("--views", default="minimal", choices=["minimal", "aug"],
+                   help="the views the head learns from: minimal = crop + flip (MAE-CT); aug = the BYOL colour pipeline "
+                        "too, as the authors' stage 2 for MAE-CT_aug. Stage 3 tunes with this checkpoint's views")
     return p.parse_args(argv)
 
 
@@ -91,10 +95,10 @@ def main():
     proc = common.setup(args)
     local_batch = args.batch_size // proc.world
 
-    # ---- data: two views per image, crop + flip only ----
+    # ---- data: two views per image, crop + flip (MAE-CT) or with colour too (MAE-CT_aug) ----
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
     check_queue(args, len(train))
-    loader = data.ViewLoader(train, local_batch, "minimal", 2, args.img_size, proc.device, proc.rank, proc.world,
+    loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
                              args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))
     train_labels = train.labels.to(proc.device)
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed) if args.eval_every else None
@@ -102,16 +106,15 @@ def main():
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 
-    # ---- model: frozen encoder from stage 1, fresh head ----
+    # ---- model: frozen encoder from stage 1, fresh head (PyTorch's default init, as the authors' head) ----
     model = MAECT(cfg, args.queue_size, args.pooling, args.proj_hidden, args.proj_dim, args.pred_hidden)
-    init_weights(model.head)
     common.load_strict(model.encoder, enc_sd, args.init_from)
     model.encoder.freeze(cfg["depth"])  # every block and the final norm: no gradient at all
     model.to(proc.device)
 
     # ---- optimiser: lr = blr * views per step / 256 ----
     lr = args.blr * args.batch_size * 2 / 256
-    opt = common.adamw(common.decay_groups(model.head.named_parameters(), args.head_weight_decay), (0.9, 0.999), proc.device)
+    opt = common.adamw(common.decay_groups(model.head.named_parameters(), args.head_weight_decay), proc.device)
     step = 0
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["head"])

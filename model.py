@@ -290,7 +290,8 @@ def mlp(dims, last_bn=True, bias=False):
 
 class NNCLRHead(nn.Module):
     """NNCLR projector D->2048->2048->256 (BN after each Linear, also the last) and predictor 256->4096->256
-    (Dwibedi et al. 2021; MAE-CT's settings). Call it on one view at a time: BN statistics are per view."""
+    (Dwibedi et al. 2021; MAE-CT's settings). Call it on one view at a time: BN statistics are per view. Its
+    weights keep PyTorch's default init, as the authors' head (init_weights, the MAE's init, is for the ViT)."""
 
     def __init__(self, in_dim, proj_hidden=2048, proj_dim=256, pred_hidden=4096):
         super().__init__()

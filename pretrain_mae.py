@@ -98,9 +98,8 @@ def main():
     # ---- model ----
     model = mae = MaskedAutoencoder(**cfg, norm_pix_loss=not args.no_norm_pix_loss)
     init_weights(model)
-    if joint:  # built after the MAE init, so the MAE starts from the same weights as a plain run of this seed
+    if joint:  # after the MAE init, so the MAE starts as a plain run of this seed; the head as in stage 2 (torch's init)
         model = JointMAE(mae, args.queue_size, cfg["pooling"], args.proj_hidden, args.proj_dim, args.pred_hidden)
-        init_weights(model.head)
     model.to(proc.device)
 
     # ---- optimiser: lr = blr * views per step / 256 ----
@@ -108,7 +107,7 @@ def main():
     groups = common.decay_groups(mae.named_parameters(), args.weight_decay)
     if joint:  # one loss, one optimiser; the head at the same lr with its own (stage-2) weight decay
         groups += common.decay_groups(model.head.named_parameters(), args.head_weight_decay)
-    opt = common.adamw(groups, (0.9, 0.95), proc.device)
+    opt = common.adamw(groups, proc.device)
     step = 0
     if common.want_resume(args, ckpt_path):
         ckpt = common.load_checkpoint(ckpt_path, stages=["mae"])

@@ -298,30 +298,66 @@ def test_stage3_compiles_the_whole_forward_as_one_graph_in_reduce_overhead(chain
     assert not torch.equal(sd_g["encoder.blocks.3.attn.qkv.weight"], before["encoder.blocks.3.attn.qkv.weight"])
 
 
-def test_paper_defaults_follow_the_model_size():
+def test_paper_defaults_follow_the_variant_and_the_model_size():
     from contrastive_tune import paper_defaults
-    unset = dict(temperature=None, target_ema=None, epochs=None)
-    expected = {"vit_nano": (0.15, 0.99, 20), "vit_base": (0.15, 0.99, 20), "vit_large": (0.2, 0.99, 20),
-                "vit_huge": (0.3, 0.995, 30)}  # SPEC, stage 3
-    for name, values in expected.items():
-        args = argparse.Namespace(**unset)
+    keys = ("temperature", "target_ema", "epochs", "topk", "head_blr")
+    # the authors' stage-3 configs (ml-jku/MAE-CT yamls/stage3_*): MAE-CT, then MAE-CT_aug (its H from H/14's)
+    expected = {("minimal", "vit_nano"): (0.15, 0.99, 20, 20, 1e-4), ("minimal", "vit_base"): (0.15, 0.99, 20, 20, 1e-4),
+                ("minimal", "vit_large"): (0.2, 0.99, 20, 20, 1e-4), ("minimal", "vit_huge"): (0.3, 0.995, 30, 20, 1e-4),
+                ("aug", "vit_tiny"): (0.15, 0.99, 80, 10, 5e-4), ("aug", "vit_base"): (0.15, 0.99, 80, 10, 5e-4),
+                ("aug", "vit_large"): (0.15, 0.99, 40, 10, 5e-4), ("aug", "vit_huge"): (0.35, 0.995, 40, 20, 5e-4)}
+    for (views, name), values in expected.items():
+        args = argparse.Namespace(views=views, **dict.fromkeys(keys))
         paper_defaults(args, name)
-        assert (args.temperature, args.target_ema, args.epochs) == values, name
-    given = argparse.Namespace(temperature=0.5, target_ema=0.9, epochs=3)
+        assert tuple(getattr(args, k) for k in keys) == values, (views, name)
+    given = argparse.Namespace(views="aug", temperature=0.5, target_ema=0.9, epochs=3, topk=7, head_blr=1e-3)
     paper_defaults(given, "vit_huge")
-    assert (given.temperature, given.target_ema, given.epochs) == (0.5, 0.9, 3)  # flags win
+    assert tuple(getattr(given, k) for k in keys) == (0.5, 0.9, 3, 7, 1e-3)  # flags win
 
 
 def test_stage3_takes_the_size_defaults_from_the_checkpoint(chain, tmp_path):
     """The model size is read from the stage-2 checkpoint: a head labelled ViT-H runs with H's settings."""
     ckpt = torch.load(chain / "head" / "ckpt.pt", weights_only=True)
     ckpt["config"]["model"] = "vit_huge"  # the weights stay nano-sized; only the label changes
+    del ckpt["args"]["views"]  # as in heads saved before init_head.py had --views
     torch.save(ckpt, tmp_path / "head_h.pt")
     r = run("contrastive_tune.py", "--init_from", tmp_path / "head_h.pt", "--dataset", "synthetic", "--batch_size", "64",
             "--max_steps", "1", "--out_dir", tmp_path / "ct", "--device", "cpu", "--topk", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     args = torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)["args"]
     assert (args["temperature"], args["target_ema"], args["epochs"], args["warmup_epochs"]) == (0.3, 0.995, 30, 6.0)
+    assert (args["views"], args["head_blr"]) == ("minimal", 1e-4)  # such a head was trained on crop + flip
+    # a head trained on the colour views (init_head.py --views aug) is tuned as MAE-CT_aug, with its settings
+    ckpt["args"]["views"], ckpt["config"]["model"] = "aug", "vit_base"
+    torch.save(ckpt, tmp_path / "head_aug.pt")
+    r = run("contrastive_tune.py", "--init_from", tmp_path / "head_aug.pt", "--dataset", "synthetic", "--batch_size",
+            "64", "--max_steps", "1", "--out_dir", tmp_path / "ct_aug", "--device", "cpu", "--topk", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = torch.load(tmp_path / "ct_aug" / "ckpt.pt", weights_only=True)["args"]
+    assert (args["views"], args["head_blr"], args["epochs"], args["topk"]) == ("aug", 5e-4, 80, 3)  # --topk given wins
+    groups = torch.load(tmp_path / "ct_aug" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in groups)  # the authors' stage-3 AdamW
+
+
+def test_stage2_follows_the_authors_optimiser_init_and_views(chain, tmp_path):
+    """As the authors' stage-2 configs: AdamW betas (0.9, 0.95), the head at PyTorch's default init (not the MAE's
+    Xavier), and the views the flag names (--views aug: the BYOL colour views, for MAE-CT_aug)."""
+    losses = {}
+    for name, views in [("a", "minimal"), ("b", "minimal"), ("c", "aug")]:
+        r = run("init_head.py", "--init_from", chain / "mae.pt", "--dataset", "synthetic", "--batch_size", "64",
+                "--max_steps", "1", "--log_every", "1", "--out_dir", tmp_path / name, "--device", "cpu", "--views",
+                views, *SMALL_HEAD)
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["loss"]
+        ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+        assert ckpt["args"]["views"] == views
+        assert all(tuple(g["betas"]) == (0.9, 0.95) for g in ckpt["optimizer"]["param_groups"])
+    # the same seed replays the same views; the colour views give another first loss
+    assert losses["a"] == losses["b"] != losses["c"]
+    # torch's Linear init draws from U(+-1/sqrt(fan_in)); Xavier's bound for the predictor's last layer (32 -> 16)
+    # would be sqrt(6 / 48) = 0.35, twice as wide. One step at lr ~1e-5 moves no weight by more than ~1e-4.
+    w = ckpt["model"]["head.predictor.3.weight"]  # Linear(32 -> 16): the last of Linear, BN, ReLU, Linear
+    assert w.shape == (16, 32) and 0.8 / 32 ** 0.5 < w.abs().max() < 1 / 32 ** 0.5 + 1e-3
 
 
 def test_stage3_continues_the_heads_queue(chain, tmp_path):

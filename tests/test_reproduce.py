@@ -19,7 +19,7 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     cmd = ["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu", "--compile", "0", "--num_workers=0"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for stage in ("mae", "head", "ct", "ct_aug"):
+    for stage in ("mae", "head", "ct", "head_aug", "ct_aug"):
         assert (run / stage / "ckpt.pt").exists() and (run / stage / "DONE").exists()
     table = (run / "table.md").read_text()
     assert "| MAE |" in table and "| MAE-CT |" in table and "| MAE-CT_aug |" in table
@@ -27,11 +27,14 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     cls_row = next(line for line in table.splitlines() if line.startswith("| MAE (CLS token) |"))
     mae = json.loads((run / "eval_mae" / "results.json").read_text())
     assert mae["pooling"] == "mean" and cls_row.split("|")[2].strip() == f"{mae['cls']['knn10']:.1f}"
-    # both stage-3 variants start from the one stage-2 head; only the views (and the head's lr) differ
+    # MAE-CT_aug has its own stage-2 head, trained on the colour views (as the authors); its stage 3 takes the views
+    # and the paper's _aug head lr from that head, and shares the recipe's epochs and top-k with MAE-CT
+    ha, hb = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("head", "head_aug"))
+    assert (ha["views"], hb["views"]) == ("minimal", "aug") and {k for k in ha if ha[k] != hb[k]} == {"views", "out_dir"}
     a, b = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("ct", "ct_aug"))
-    assert a["init_from"] == b["init_from"] == str(run / "head" / "ckpt.pt")
+    assert (a["init_from"], b["init_from"]) == (str(run / "head" / "ckpt.pt"), str(run / "head_aug" / "ckpt.pt"))
     assert (a["views"], b["views"], a["head_blr"], b["head_blr"]) == ("minimal", "aug", 1e-4, 5e-4)
-    assert {k for k in a if a[k] != b[k]} == {"views", "head_blr", "out_dir"}
+    assert {k for k in a if a[k] != b[k]} == {"init_from", "views", "head_blr", "out_dir"}
     first_eval = r.stdout.split("== evaluate.py", 1)[1].split("\n== ", 1)[0]  # its output up to the next stage
     assert '"num_workers": 0' in first_eval
     for d in ("eval_mae", "eval_ct", "eval_ct_aug"):
@@ -40,7 +43,7 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     # a rerun continues rather than starting over: every stage and evaluation is skipped
     r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0, r2.stderr[-2000:]
-    assert r2.stdout.count("skipped") == 7 and "pretrain_mae.py ->" not in r2.stdout
+    assert r2.stdout.count("skipped") == 8 and "pretrain_mae.py ->" not in r2.stdout
     assert "| MAE-CT |" in r2.stdout and "| MAE-CT_aug |" in r2.stdout
     # a rerun with other stage-3 settings stops at stage 3 instead of reporting the old run under the new recipe
     r3 = subprocess.run(cmd, cwd=REPO, env=dict(env, E3="2"), capture_output=True, text=True, timeout=120)
@@ -145,12 +148,19 @@ def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, rec
     for ngpu in (1, 2):
         calls = recipe_calls(tmp_path / str(ngpu), recipe, ngpu)
         (mae, _), = calls["pretrain_mae.py"]
-        (head, _), = calls["init_head.py"]
+        heads = [a for a, _ in calls["init_head.py"]]
         cts = [a for a, _ in calls["contrastive_tune.py"]]
-        assert len(cts) == 2 and value(cts[1], "--views") == "aug"  # MAE-CT and MAE-CT_aug
+        # MAE-CT, and MAE-CT_aug from its own head trained on the colour views (stage 3 takes the views from it)
+        assert [value(h, "--views") for h in heads] == [None, "aug"] and len(cts) == 2
+        assert [value(c, "--init_from").split("/")[-2] for c in cts] == ["head", "head_aug"]
+        assert value(cts[1], "--views") is None and value(cts[1], "--head_blr") is None  # the _aug defaults
+        # both arms get the recipe's epochs and top-k; the ImageNet recipes' MAE-CT_aug the paper's (80, top-10)
+        paper_aug = recipe.startswith("imagenet")
+        assert [value(c, "--epochs") for c in cts] == (["20", "80"] if paper_aug else [value(cts[0], "--epochs")] * 2)
+        assert [value(c, "--topk") for c in cts] == ([None] * 2 if paper_aug else [value(cts[0], "--topk")] * 2)
         want = "reduce-overhead" if graphs and ngpu == 1 else None  # torchrun: never (contrastive_tune.py refuses it)
         assert [value(a, "--compile_mode") for a in [mae] + cts] == [want] * 3
-        assert value(head, "--pooling") == pooling
+        assert [value(h, "--pooling") for h in heads] == [pooling] * 2
         assert all(t == (ngpu > 1) for c in calls.values() for _, t in c)
     if graphs:  # GRAPHS=mae: stage 1 only (the recipes before session 9), none: nowhere; POOLING overrides the recipe
         for knob, stage1 in (("mae", "reduce-overhead"), ("none", None)):
