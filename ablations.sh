@@ -9,7 +9,8 @@
 #
 # Stage 1, 2 and the recipe's stage 3 come from reproduce.sh, run first into the same RUN folder (a finished stage
 # is skipped, so an existing RUN is reused). Every arm of one comparison gets the same budget: each tuning arm E3
-# epochs from the same stage-2 head; each joint arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
+# epochs from the same stage-2 head (MAE-CT_aug from its own, on colour views, as reproduce.sh runs it); each joint
+# arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
 # Environment as reproduce.sh: SEED, RUN (default runs/abl_NAME_sSEED), E1/E2/E3, STEPS (cap every run at this many
 # steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "1"; empty: no joint arm), METRICS (evaluate.py metrics,
 # default knn,linear). Extra flags go to every training run, and to evaluate.py those it takes too (as reproduce.sh).

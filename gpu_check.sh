@@ -18,6 +18,9 @@
 #           an H100 and a fourth seed; projected ~8 minutes of stages and evaluations on an H200, BENCHMARKS.md, plus
 #           ~40 s for MAE-CT_aug's own head; the first run with session 10's stage-2/3 settings: AdamW beta2 0.95
 #           and the head's default init, as the authors, RESULTS.md)
+#   If call 1 ran out of time before MAE-CT_aug's evaluation (the projection is close to its 580 s), call 2 is instead
+#   SEED=3 KEEP=1 T5=300 OUT=$OUT bash gpu_check.sh (timeout_s 315): on the warm machine the chain continues, finished
+#   stages skipped.
 #   call 2, at once on the still-warm machine (it is given back after ~30 s idle; its runs/fm_gpu/head is kept), if
 #   status leaves >= 250 s: two 80-epoch stage-3 variants side by side from call 1's head, towards issue 6's k-means
 #   >= 70 (40 epochs gave +2.8 to +3.3 k-means over 20 in session 4; with CUDA graphs 80 epochs cost ~85 s alone):
@@ -92,7 +95,7 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on 
              # as its input (the chain's stage-1 or stage-2 checkpoint) is done. Every number is also printed into
              # OUT/*.log, so a call cut off before the tarballs loses none.
   local END=$((SECONDS + ${T5:-580}))
-  rm -rf runs/fm_gpu
+  [ "${KEEP:-0}" = 1 ] || rm -rf runs/fm_gpu  # KEEP=1: continue a chain cut off by the deadline (warm machine)
   # TORCH_LOGS=dynamo: each stage logs when tracing and compiling start and end, and its compile times at exit
   # (~40 lines): is stage 1's ~100-s first log window (sessions 4-9) compilation, or graph recording and the rest?
   timeout "$(left)" env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \

@@ -11,17 +11,17 @@ from tests.conftest import REPO, fake_python, recorded_calls
 
 def run_gpu_check(tmp_path, **env):
     work = tmp_path / "repo"
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)  # a second call reuses the copy, and its runs/ (a warm machine)
     for f in ("gpu_check.sh", "reproduce.sh"):
         shutil.copy(REPO / f, work / f)
     bin_ = tmp_path / "bin"
     fake_python(bin_)
     calls = tmp_path / "calls.log"
-    calls.touch()
+    calls.write_text("")  # this call's stage calls only
     out = tmp_path / "out"
     # gpu_check's own settings come from the test only, never from the environment the tests run in
     knobs = {"PARTS", "VARIANTS", "T5", "T6", "T7", "RNG", "SEED", "E1", "E2", "E3", "AUG", "FM_FLAGS", "STEPS", "EVAL", "RUN",
-             "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS"}
+             "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS", "KEEP", "E3_AUG"}
     full = {k: v for k, v in os.environ.items() if k not in knobs}
     full.update({"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), "FAIL_SCRIPT": "none",
                  **env})
@@ -97,3 +97,14 @@ def test_the_next_sessions_calls_a_cls_chain_with_a_mean_arm_and_ctscript(tmp_pa
     # a failed stage 1 or 2 is named and stops the part, not the script
     calls, _, stdout = run_gpu_check(tmp_path / "3", PARTS="ctscript", FAIL_SCRIPT="init_head.py")
     assert "ctscript: stages 1-2 failed" in stdout and not any(c[0] == "contrastive_tune.py" for c in calls)
+
+
+def test_keep_continues_a_cut_off_chain_and_a_plain_call_starts_afresh(tmp_path):
+    run_gpu_check(tmp_path)
+    done = run_gpu_check(tmp_path, KEEP="1")[0]  # every stage and evaluation is there: nothing runs again
+    assert done == []
+    (tmp_path / "repo" / "runs" / "fm_gpu" / "ct_aug" / "DONE").unlink()  # as if the deadline cut MAE-CT_aug
+    again = run_gpu_check(tmp_path, KEEP="1")[0]
+    assert [(c[0], flag(c, "--out_dir")) for c in again] == [("contrastive_tune.py", "runs/fm_gpu/ct_aug")]
+    fresh = run_gpu_check(tmp_path)[0]  # without KEEP the chain starts over
+    assert [c[0] for c in fresh].count("pretrain_mae.py") == 1

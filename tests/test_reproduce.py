@@ -12,7 +12,7 @@ from tests.conftest import REPO, fake_python, load_ckpt, recorded_calls
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_reproduce_smoke_chain_and_rerun(tmp_path):
     run = tmp_path / "smoke"
-    env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "AUG", "SEED", "E1", "E2", "E3"}}  # recipe knobs
+    env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "AUG", "SEED", "E1", "E2", "E3", "E3_AUG"}}  # recipe knobs
     env.update(RUN=str(run), STEPS="3", OMP_NUM_THREADS="1", EVAL="--metrics knn,kmeans --kmeans_seeds 2")
     # --compile 0, a training-only flag that evaluate.py does not take, reaches the training stages only;
     # --num_workers=0 (both take it) reaches the evaluations too
@@ -95,7 +95,7 @@ def test_reproduce_from_official_mae_weights(tmp_path):
     official = tmp_path / "mae_pretrain_vit_nano.pth"
     torch.save({"model": model.encoder_state_dict(mae.state_dict())}, official)  # as facebookresearch/mae ships it
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "SEED", "E1", "E2", "E3"}}
+    env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "SEED", "E1", "E2", "E3", "E3_AUG"}}
     env.update(MAE=str(official), RUN=str(run), STEPS="2", AUG="0", OMP_NUM_THREADS="1", EVAL="--metrics knn")
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
