@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's three checks as runnable experiments (MAE-CT, Lehner et al. 2024), one markdown table each:
 #   1. an NNCLR head on the frozen MAE encoder: k-NN in its own embedding (projector, predictor) vs the encoder's
-#   2. the top-k lookup as a data-driven augmentation: contrastive tuning with k = 1, 5, 10, 20, 50 vs --views aug
+#   2. the top-k lookup as a data-driven augmentation: contrastive tuning with k = 1, 5, 10, 20, 50 vs MAE-CT_aug
 #   3. MAE + lambda * NNCLR from the start (pretrain_mae.py --nnclr_weight) vs the sequential MAE -> head -> tuning
 #
 #   bash ablations.sh smoke                  # generated shapes, vit_nano, CPU (see ABLATIONS.md for the time)
@@ -9,8 +9,8 @@
 #
 # Stage 1, 2 and the recipe's stage 3 come from reproduce.sh, run first into the same RUN folder (a finished stage
 # is skipped, so an existing RUN is reused). Every arm of one comparison gets the same budget: each tuning arm E3
-# epochs from the same stage-2 head (MAE-CT_aug from its own, on colour views, as reproduce.sh runs it); each joint
-# arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
+# epochs from the same stage-2 head (MAE-CT_aug from its own, on colour views, as reproduce.sh runs it: E2 more
+# epochs of head training); each joint arm E1+E2+E3 epochs, the epochs of the whole sequential recipe.
 # Environment as reproduce.sh: SEED, RUN (default runs/abl_NAME_sSEED), E1/E2/E3, STEPS (cap every run at this many
 # steps, for tests); TOPKS (default "1 5 10 20 50"), LAMBDAS (default "1"; empty: no joint arm), METRICS (evaluate.py metrics,
 # default knn,linear). Extra flags go to every training run, and to evaluate.py those it takes too (as reproduce.sh).
@@ -34,6 +34,7 @@ case $name in
   *) echo "error: unknown recipe '$name' (smoke, cifar10_5k)" >&2; exit 2 ;;
 esac
 export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
+export E3_AUG=$E3  # MAE-CT_aug tunes as long as the other arms
 export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
 TOPKS=${TOPKS-1 5 10 20 50}; LAMBDAS=${LAMBDAS-1}; METRICS=${METRICS:-knn,linear}
 source ./eval_flags.sh && eval_flags "$@"  # pass: the extra flags evaluate.py takes too
@@ -99,11 +100,12 @@ for f in ("encoder", "projector", "predictor"):
     r = res(f"{A}/f1_{f}")
     out.append(f"| {f} | {r['feature_dim']} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} |")
 
-out += ["", f"## 2. Contrastive tuning, {E3} epochs each, from the same head (the aug arm: from its own): top-k lookup vs "
-        "hand-made augmentation", "",
+out += ["", f"## 2. Contrastive tuning, {E3} epochs each, from the same head (the aug arm: from its own): "
+        "top-k lookup vs hand-made augmentation", "",
         "| arm | k-NN@10 | k-NN@20 | linear | final NNCLR loss | final nn_acc | train s |", "|---|---|---|---|---|---|---|"]
 arms = [(f"top-{k}, crop+flip" + (" (reproduce.sh stage 3)" if k == topk else ""), f"ct_k{k}") for k in topks]
-arms.append((f"top-{topk}, BYOL colour views, head_blr 5e-4, its own colour-view head (reproduce.sh MAE-CT_aug)", "ct_aug"))
+arms.append((f"top-{topk}, BYOL colour views, head_blr 5e-4, its own colour-view head (reproduce.sh MAE-CT_aug)",
+             "ct_aug"))
 for label, d in arms:
     r, last = res(f"{A}/eval_{d}"), log(f"{A}/{d}")[-1]
     out.append(f"| {label} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} | "

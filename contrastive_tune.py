@@ -19,7 +19,7 @@ smaller, 40 for L and H, temperature 0.35 for H. AdamW betas (0.9, 0.95), as in 
     # ImageNet, ViT-B/16, 8 GPUs (paper: 20 epochs, batch 1024, temperature 0.15)
     torchrun --nproc_per_node=8 contrastive_tune.py --init_from runs/head_in1k/ckpt.pt --dataset imagefolder \\
         --data_path /data/imagenet --batch_size 1024 --out_dir runs/ct_in1k
-    # MAE-CT_aug: start from a head trained with `init_head.py --views aug`; its views and the _aug settings follow
+    # MAE-CT_aug: start from a head trained with `init_head.py --views aug`; the views and the _aug settings follow it
 
 Writes OUT_DIR/ckpt.pt (stage "ct"; with --encoder_ema also the EMA encoder) and log.jsonl; evaluate.py reads it.
 """
@@ -48,18 +48,22 @@ PAPER_BY_MODEL = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct",
-                           epochs_help="passes over the training set (default: the paper's: 20, 30 for H; MAE-CT_aug 80, "
-                                       "40 for L and H)")
+                           epochs_help="passes over the training set (default: the paper's: 20, 30 for H; "
+                                       "MAE-CT_aug 80, 40 for L and H)")
     add_head_args(p, stage3=True)
     g = p.add_argument_group("contrastive tuning")
-    g.add_argument("--topk", type=int, default=None, help="the positive is drawn uniformly from this many nearest neighbours (default: the paper's, 20; 10 for MAE-CT_aug with B and L; 1 = NNCLR)")
+    g.add_argument("--topk", type=int, default=None, help="the positive is drawn uniformly from this many nearest "
+                   "neighbours (default: the paper's, 20; 10 for MAE-CT_aug, but 20 for H; 1 = NNCLR)")
     g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen (default: half the depth)")
     g.add_argument("--layer_decay", type=float, default=0.65, help="block b trains at lr * layer_decay^(depth - b)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of the encoder")
-    g.add_argument("--head_blr", type=float, default=None, help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
+    g.add_argument("--head_blr", type=float, default=None,
+                   help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
     g.add_argument("--target_ema", type=float, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
     g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 on ImageNet; 0 = off)")
-    g.add_argument("--views", default=None, choices=["minimal", "aug"], help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug) (default: the views the stage-2 head was trained on)")
+    g.add_argument("--views", default=None, choices=["minimal", "aug"],
+                   help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug), with its defaults "
+                        "for the flags above (default: the views the stage-2 head was trained on)")
     g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
                    help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
                         "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "

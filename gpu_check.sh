@@ -26,7 +26,8 @@
 #   >= 70 (40 epochs gave +2.8 to +3.3 k-means over 20 in session 4; with CUDA graphs 80 epochs cost ~85 s alone):
 #     SEED=3 T5=225 PARTS=variants VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead;e80aug|--crop_min
 #     0.5 --epochs 80 --compile_mode reduce-overhead|--views aug" OUT=$OUT bash gpu_check.sh  (timeout_s 240; e80aug
-#     trains its own colour-view head first, ~40 s, and its stage 3 takes the _aug settings from it)
+#     trains its own colour-view head first, ~40 s; its stage 3 takes the views and head lr 5e-4 from it, and the
+#     top-20 that every variant gets)
 #   otherwise, with >= 210 s: PARTS=vitt (timeout_s 200; carry .devdata/cifar10-5k too): issue 5's ViT-T end-to-end
 #   target names an H100, and every benchmark figure so far is an H200's.
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):

@@ -32,14 +32,15 @@ def parse_args(argv=None):
     common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head")
     add_head_args(p)
     p.add_argument("--views", default="minimal", choices=["minimal", "aug"],
-                   help="the views the head learns from: minimal = crop + flip (MAE-CT); aug = the BYOL colour pipeline "
-                        "too, as the authors' stage 2 for MAE-CT_aug. Stage 3 tunes with this checkpoint's views")
+                   help="the views the head learns from: minimal = crop + flip (MAE-CT); aug = the BYOL colour "
+                        "pipeline too, as the authors' stage 2 for MAE-CT_aug. Stage 3 tunes with this checkpoint's views")
     return p.parse_args(argv)
 
 
 def add_head_args(p, stage3=False):
     """NNCLR flags, shared with contrastive_tune.py. In stage 3 (stage3=True) the head's shape, its pooling and the
-    queue length default to the stage-2 checkpoint's, and the temperature to the paper's for the model size."""
+    queue length default to the stage-2 checkpoint's, and the temperature to the paper's for the model size and the
+    variant (the head's views)."""
     g = p.add_argument_group("NNCLR")
     g.add_argument("--init_from", required=True, help="checkpoint of the previous stage (or an official MAE .pth)")
     inherit = " (default: the stage-2 head's)" if stage3 else ""
@@ -48,7 +49,8 @@ def add_head_args(p, stage3=False):
     g.add_argument("--queue_size", type=int, default=None, help="queue length; a multiple of the global batch"
                    + (inherit or " (default: min(65536, train size) rounded down to one)"))
     g.add_argument("--temperature", type=float, default=None if stage3 else 0.15, help="softmax temperature of the NNCLR loss "
-                   + ("(default: the paper's for the model size, 0.15 B and smaller, 0.2 L, 0.3 H)" if stage3 else "(paper: 0.15)"))
+                   + ("(default: the paper's for the model size and variant, 0.15 B and smaller, 0.2 L, 0.3 H; "
+                      "MAE-CT_aug 0.15, 0.35 H)" if stage3 else "(paper: 0.15)"))
     for flag, default, text in [("--proj_hidden", 2048, "projector hidden width"),
                                 ("--proj_dim", 256, "embedding width (projector output, queue entries)"),
                                 ("--pred_hidden", 4096, "predictor hidden width")]:

@@ -98,7 +98,7 @@ def main():
     # ---- model ----
     model = mae = MaskedAutoencoder(**cfg, norm_pix_loss=not args.no_norm_pix_loss)
     init_weights(model)
-    if joint:  # after the MAE init, so the MAE starts as a plain run of this seed; the head as in stage 2 (torch's init)
+    if joint:  # after the MAE init, so the MAE starts as a plain run of this seed; the head as stage 2's (torch init)
         model = JointMAE(mae, args.queue_size, cfg["pooling"], args.proj_hidden, args.proj_dim, args.pred_hidden)
     model.to(proc.device)
 

@@ -11,23 +11,24 @@
 #                                                  # stages 2-3 from facebookresearch/mae's weights, all visible GPUs
 #
 # Stages 2-3 run twice from the same stage 1: MAE-CT (crop + flip only, the paper's method) and MAE-CT_aug (plus the
-# BYOL colour pipeline in both stages, head lr 5e-4: the paper's variant, which matters most for small models; as
-# the authors, its head is trained on the colour views too, and stage 3 takes the views and the paper's _aug
-# settings from that head); the table has one row each. Extra flags go to every training stage (e.g. --device cpu, --data_path); evaluate.py gets
-# those it takes too (--device --data_path --img_size --num_workers --precision; EVAL for its own). Environment: SEED
-# (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3; E3_AUG, MAE-CT_aug's
-# stage 3, default E3, except the ImageNet recipes': the paper's 80), STEPS (cap every
-# stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug), POOLING=cls|mean
-# (the encoder feature stages 2 and 3 tune and the table leads with; default the recipe's: the paper's for the model
-# size, mean of patch tokens for ViT-B and smaller, except fashion_mnist's CLS token; it is part of stage 2's
-# settings, so a run made with one is not continued with the other), MAE=FILE (start from this stage-1 checkpoint,
-# ours or an official MAE .pth, instead of training stage 1; a path relative to this folder, like --data_path; it is
-# evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none stops), GRAPHS=all|mae|none
-# (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1 only (the recipes before
-# session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere). All visible GPUs are used through
-# torchrun.
+# BYOL colour pipeline in both stages, head lr 5e-4: the paper's variant, which matters most for small models; as the
+# authors, its head is trained on the colour views too, and stage 3 takes the views and the paper's _aug settings from
+# that head); the table has one row each. Extra flags go to every training stage (e.g. --device cpu, --data_path);
+# evaluate.py gets those it takes too (--device --data_path --img_size --num_workers --precision; EVAL for its own).
+# Environment: SEED (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3;
+# E3_AUG, MAE-CT_aug's stage 3, default E3, except the ImageNet recipes': the paper's 80, whatever E3 says), STEPS
+# (cap every stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug),
+# POOLING=cls|mean (the encoder feature stages 2 and 3 tune and the table leads with; default the recipe's: the
+# paper's for the model size, mean of patch tokens for ViT-B and smaller, except fashion_mnist's CLS token; it is part
+# of stage 2's settings, so a run made with one is not continued with the other), MAE=FILE (start from this stage-1
+# checkpoint, ours or an official MAE .pth, instead of training stage 1; a path relative to this folder, like
+# --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none stops),
+# GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1 only (the
+# recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere). All visible GPUs are used
+# through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
-# settings for a stage stops with an error.
+# settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
+# (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=).
 set -euo pipefail
 cd "$(dirname "$0")"
 name=${1:?usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100|imagenet [flags]}
@@ -95,8 +96,16 @@ stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume
   # flags) stops instead of skipping or resuming a stage that was made differently.
   local dir=$RUN/$1 script=$2; shift 2
   local settings="$script $data --seed $SEED $*"
+  # Stages 2-3 changed in code, not in flags, in session 10 (AdamW beta2 0.95 and the head's default init, as the
+  # authors): the tag keeps a head or tuning made before from being continued or reused as if made now.
+  case $script in init_head.py|contrastive_tune.py) settings="[stages 2-3 of session 10] $settings" ;; esac
   if [ -f "$dir/SETTINGS" ] && [ "$(cat "$dir/SETTINGS")" != "$settings" ]; then
-    echo "error: $dir was made with other settings ($(cat "$dir/SETTINGS")); use another RUN= or delete it" >&2
+    if [[ $settings == "[stages 2-3"* && $(cat "$dir/SETTINGS") != "[stages 2-3"* ]]; then
+      echo "error: $dir was made before session 10's stage-2/3 settings (AdamW beta2 0.95, the head's default" \
+           "init); use another RUN= (MAE=$RUN/mae/ckpt.pt keeps a stage 1 trained there)" >&2
+    else
+      echo "error: $dir was made with other settings ($(cat "$dir/SETTINGS")); use another RUN= or delete it" >&2
+    fi
     exit 2
   fi
   if [ -f "$dir/DONE" ]; then echo "== $dir: done already, skipped"; return; fi
@@ -125,8 +134,10 @@ stage head init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"
 stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
 evaluate eval_ct "$RUN/ct/ckpt.pt"
 if [ "${AUG:-1}" != 0 ]; then  # its own head, on the colour views; stage 3 takes the views and the _aug defaults from it
-  stage head_aug init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --views aug --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
-  stage ct_aug contrastive_tune.py --init_from "$RUN/head_aug/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3_AUG" --batch_size "${bs[2]}" --warmup_epochs $((E3_AUG / 5)) $cap "$@"
+  stage head_aug init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --views aug --epochs "$E2" \
+      --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
+  stage ct_aug contrastive_tune.py --init_from "$RUN/head_aug/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3_AUG" \
+      --batch_size "${bs[2]}" --warmup_epochs $((E3_AUG / 5)) $cap "$@"
   evaluate eval_ct_aug "$RUN/ct_aug/ckpt.pt"
 fi
 

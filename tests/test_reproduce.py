@@ -112,19 +112,26 @@ def test_reproduce_from_official_mae_weights(tmp_path):
     assert r.returncode == 2 and "has its stage 1 from" in r.stderr and not (run / "mae").exists()
 
 
-def recipe_calls(tmp_path, recipe, ngpu, **env):
-    """The stage commands reproduce.sh gives `recipe` with `ngpu` visible GPUs (recorded by the fake python and
-    torchrun, each parsed with the script's real argparse), as {script: [(args, launched by torchrun)]}."""
+def fake_reproduce(tmp_path, recipe, ngpu, **env):
+    """reproduce.sh `recipe` in a copy, with a fake python and torchrun that see `ngpu` GPUs and record each stage
+    command in tmp_path/calls.log (a second call reuses the copy and its run folder, tmp_path/run)."""
     work, bin_ = tmp_path / "repo", tmp_path / "bin"
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     for f in ("reproduce.sh", "eval_flags.sh"):
         shutil.copy(REPO / f, work / f)
     fake_python(bin_)
     calls = tmp_path / "calls.log"
+    calls.write_text("")
     full = {"PATH": f"{bin_}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", str(tmp_path)), "CALLS": str(calls),
             "NGPU": str(ngpu), "RUN": str(tmp_path / "run"), **env}  # nothing else from the caller's environment
-    r = subprocess.run(["bash", str(work / "reproduce.sh"), recipe, "--data_path", "d"], capture_output=True, text=True,
-                       timeout=60, env=full)
+    return subprocess.run(["bash", str(work / "reproduce.sh"), recipe, "--data_path", "d"], capture_output=True,
+                          text=True, timeout=60, env=full), calls
+
+
+def recipe_calls(tmp_path, recipe, ngpu, **env):
+    """The stage commands reproduce.sh gives `recipe` with `ngpu` visible GPUs (recorded by the fake python and
+    torchrun, each parsed with the script's real argparse), as {script: [(args, launched by torchrun)]}."""
+    r, calls = fake_reproduce(tmp_path, recipe, ngpu, **env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = {}
     for args, torchrun in recorded_calls(calls):
@@ -176,3 +183,19 @@ def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, rec
     assert all(value(a, "--compile_mode") is None for c in calls.values() for a, _ in c)
     (head, _), = calls["init_head.py"]
     assert value(head, "--pooling") == pooling
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_head_from_before_session_10_is_not_continued(tmp_path):
+    """Session 10 changed stages 2-3 in code (AdamW beta2, the head's init), not in their flags: a run folder made
+    before keeps its stage 1, but its stage-2 head is neither reused nor continued."""
+    r, _ = fake_reproduce(tmp_path, "smoke", 0)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    head = tmp_path / "run" / "head"
+    tagged = (head / "SETTINGS").read_text()
+    assert tagged.startswith("[stages 2-3 of session 10] init_head.py ")
+    (head / "SETTINGS").write_text(tagged.split("] ", 1)[1])  # as reproduce.sh wrote it before session 10
+    r, calls = fake_reproduce(tmp_path, "smoke", 0)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {head} was made before session 10's stage-2/3 settings")
+    assert "/mae: done already, skipped" in r.stdout  # stage 1 did not change: kept
+    assert recorded_calls(calls) == []  # nothing trained or evaluated
