@@ -179,7 +179,7 @@ def nnclr_step(stage, compile=True, batches=None, cfg=cfg):
         groups = param_groups(model, ns)
     else:
         groups = common.decay_groups(model.head.named_parameters(), 1e-5)
-    opt = common.adamw(groups, dev)
+    opt = common.adamw(groups, common.BETAS, dev)
     common.set_lr(opt, 1e-4)
     fwd = common.compile_nnclr(model, args.compile_mode or "default") if args.compile and compile else model  # as the scripts
     fixed = torch.arange(B, device=dev), [images(), images()]
@@ -228,7 +228,7 @@ def e2e_step(stage="mae"):
     if stage == "ct":
         return nnclr_step("ct", batches=batches, cfg=cfg_e)
     model = init_weights(MaskedAutoencoder(**cfg_e)).to(dev)
-    opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), dev)
+    opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), common.BETAS, dev)
     fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     def step():
@@ -279,7 +279,8 @@ def bench(name, make, flops_make=None):
 
 def eager_mae():  # flop counting needs an uncompiled copy of the same step
     model = build_mae()
-    return mae_step(model, common.adamw(common.decay_groups(model.named_parameters(), 0.05), dev), proc.autocast)
+    opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), common.BETAS, dev)
+    return mae_step(model, opt, proc.autocast)
 
 
 stages = args.stages.split(",")
@@ -287,7 +288,7 @@ mode = f", {args.compile_mode}" if args.compile and args.compile_mode else ""
 if "mae" in stages:
     def ours():
         model = build_mae()
-        opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), dev)
+        opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), common.BETAS, dev)
         return mae_step(torch.compile(model, mode=args.compile_mode) if args.compile else model, opt, proc.autocast)
     bench("mae (ours)" + mode, ours, eager_mae)
 if "head" in stages:

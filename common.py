@@ -215,10 +215,12 @@ def decay_groups(named_params, weight_decay, lr_scale=1.0, prefix=""):
                         dict(params=no_decay, weight_decay=0.0, lr_scale=lr_scale)) if g["params"]]
 
 
-def adamw(groups, device):
-    """AdamW with betas (0.9, 0.95) in every stage, as the MAE authors (stage 1) and the MAE-CT authors (all their
-    stage-2/3 configs); fused on CUDA (one kernel for all parameters)."""
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=device.type == "cuda")
+BETAS = (0.9, 0.95)  # AdamW's in every stage: the MAE authors' (stage 1), the MAE-CT authors' (all stage-2/3 configs)
+
+
+def adamw(groups, betas, device):
+    """AdamW; fused on CUDA (one kernel for all parameters)."""
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=device.type == "cuda")
 
 
 @torch.no_grad()

@@ -160,7 +160,7 @@ def main():
 
     # ---- optimiser: lr = blr * views per step / 256, scaled per group ----
     lr = args.blr * args.batch_size * 2 / 256
-    opt = common.adamw(param_groups(model, args), proc.device)
+    opt = common.adamw(param_groups(model, args), common.BETAS, proc.device)
     step = 0
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["ct"])

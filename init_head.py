@@ -116,7 +116,8 @@ def main():
 
     # ---- optimiser: lr = blr * views per step / 256 ----
     lr = args.blr * args.batch_size * 2 / 256
-    opt = common.adamw(common.decay_groups(model.head.named_parameters(), args.head_weight_decay), proc.device)
+    groups = common.decay_groups(model.head.named_parameters(), args.head_weight_decay)
+    opt = common.adamw(groups, common.BETAS, proc.device)
     step = 0
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["head"])

@@ -107,7 +107,7 @@ def main():
     groups = common.decay_groups(mae.named_parameters(), args.weight_decay)
     if joint:  # one loss, one optimiser; the head at the same lr with its own (stage-2) weight decay
         groups += common.decay_groups(model.head.named_parameters(), args.head_weight_decay)
-    opt = common.adamw(groups, proc.device)
+    opt = common.adamw(groups, common.BETAS, proc.device)
     step = 0
     if common.want_resume(args, ckpt_path):
         ckpt = common.load_checkpoint(ckpt_path, stages=["mae"])
