@@ -61,9 +61,6 @@ def parse_args(argv=None):
                    help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
     g.add_argument("--target_ema", type=float, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
     g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 on ImageNet; 0 = off)")
-    g.add_argument("--views", default=None, choices=["minimal", "aug"],
-                   help="minimal = crop + flip (MAE-CT); aug = BYOL colour pipeline too (MAE-CT_aug), with its defaults "
-                        "for the flags above (default: the views the stage-2 head was trained on)")
     g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
                    help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
                         "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "

@@ -31,9 +31,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head")
     add_head_args(p)
-    p.add_argument("--views", default="minimal", choices=["minimal", "aug"],
-                   help="the views the head learns from: minimal = crop + flip (MAE-CT); aug = the BYOL colour "
-                        "pipeline too, as the authors' stage 2 for MAE-CT_aug. Stage 3 tunes with this checkpoint's views")
     return p.parse_args(argv)
 
 
@@ -56,6 +53,11 @@ def add_head_args(p, stage3=False):
                                 ("--pred_hidden", 4096, "predictor hidden width")]:
         g.add_argument(flag, type=int, default=None if stage3 else default, help=text + inherit)
     g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the head")
+    g.add_argument("--views", default=None if stage3 else "minimal", choices=["minimal", "aug"],
+                   help="minimal = crop + flip (MAE-CT); aug = the BYOL colour pipeline too (MAE-CT_aug, whose head the "
+                        "authors also train on it)" + (" (default: the stage-2 head's; it also picks the defaults of "
+                                                       "--topk, --head_blr, --epochs, --temperature)" if stage3
+                                                       else "; stage 3 keeps this checkpoint's"))
     g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
     return p
 

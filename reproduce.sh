@@ -36,17 +36,17 @@ shift
 SEED=${SEED:-0}
 
 # Recipes. Stage 1 follows MAE (blr 1.5e-4, mask 0.75); stages 2/3 the paper (blr 1e-4, 20% warm-up, top-k 20,
-# temperature 0.15 for B and smaller). Small-image choices (ours): patch 4, ViT-T, a queue of about a third of
-# the training set (a queue larger than the data holds stale copies of every image), 20% warm-up everywhere
-# the run is short; stages 1 and 3 of ViT-T as CUDA graphs on one GPU (compile mode reduce-overhead): their step is
-# bound by the host (stage 3 on an H200: 57,600 against 38,100 img/s, BENCHMARKS.md); both stage-3 arms get the same
-# epochs and top-k, except in the ImageNet recipes, whose MAE-CT_aug takes the paper's (80 epochs, top-10, from
-# contrastive_tune.py's defaults). Fashion-MNIST's stage 3 (ours,
-# chosen on GPU seed 0, RESULTS.md): 40 epochs and crops of at least half the image (--crop_min 0.5 instead of 0.08:
-# an 8% crop of a 28-px garment is an 8x8-pixel patch) gave k-means ACC 62.7 against 56.2 with the paper's 20 epochs
-# and 0.08 (k-NN@10 88.1 vs 87.7); on seed 1, 62.9 vs 59.9. Its stages 2-3 tune the CLS token, not the paper's mean
-# of patch tokens: paired from one stage 1 on GPU seeds 0, 1, 2, k-means ACC +1.7, +6.0, +3.9, NMI +3.2 to +4.1, at
-# k-NN@10 -0.8, -0.05, -0.07 (a ViT-T/4's CLS token clusters better than its mean from stage 1 on; RESULTS.md).
+# temperature 0.15 for B and smaller). Small-image choices (ours): patch 4, ViT-T, a queue of about a third of the
+# training set (a queue larger than the data holds stale copies of every image), 20% warm-up everywhere the run is
+# short; stages 1 and 3 of ViT-T as CUDA graphs on one GPU (compile mode reduce-overhead): their step is bound by the
+# host (stage 3 on an H200: 57,600 against 38,100 img/s, BENCHMARKS.md); both stage-3 arms get the same epochs and
+# top-k, except in the ImageNet recipes, whose MAE-CT_aug takes the paper's (80 epochs, top-10, from
+# contrastive_tune.py's defaults). Fashion-MNIST's stage 3 (ours, chosen on GPU seed 0, RESULTS.md): 40 epochs and
+# crops of at least half the image (--crop_min 0.5 instead of 0.08: an 8% crop of a 28-px garment is an 8x8-pixel
+# patch) gave k-means ACC 62.7 against 56.2 with the paper's 20 epochs and 0.08 (k-NN@10 88.1 vs 87.7); on seed 1,
+# 62.9 vs 59.9. Its stages 2-3 tune the CLS token, not the paper's mean of patch tokens: paired from one stage 1 on
+# GPU seeds 0, 1, 2, k-means ACC +1.7, +6.0, +3.9, NMI +3.2 to +4.1, at k-NN@10 -0.8, -0.05, -0.07 (a ViT-T/4's CLS
+# token clusters better than its mean from stage 1 on; RESULTS.md).
 graphs=0; pool=; mae_extra=; ct_extra=; e3aug=  # set by the recipe only, never taken from the environment
 case $name in
   smoke)         data="--dataset synthetic"; model=vit_nano; e=(30 10 10); bs=(256 256 256)
