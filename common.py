@@ -53,7 +53,7 @@ def main_guard(main):
 def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_help="passes over the training set"):
     """The flags every stage spells the same way; each script passes its own defaults."""
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="synthetic", help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated shapes, no download)")
+    g.add_argument("--dataset", default="synthetic", help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated tiled shapes, no download)")
     g.add_argument("--data_path", default=None, help="dataset root (torchvision root, or a folder with train/ and val/ for imagefolder)")
     g.add_argument("--img_size", type=int, default=None, help="input side in pixels (default: 32 for CIFAR/synthetic, 28 for Fashion-MNIST; an image folder keeps images of at most 64 px, else 224)")
     g.add_argument("--data_on_gpu", type=int, default=None, choices=[0, 1], help="hold the uint8 dataset on the training device and augment there in batches; image folders only, the other datasets always are (default: on for small folders)")

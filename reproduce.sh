@@ -2,7 +2,7 @@
 # MAE-CT end to end: stage 1 (MAE) -> evaluate -> stage 2 (NNCLR head) -> stage 3 (contrastive tuning) -> evaluate,
 # then MAE vs MAE-CT side by side (also written to RUN/table.md).
 #
-#   bash reproduce.sh smoke                       # generated shapes, vit_nano, CPU: the whole chain in minutes
+#   bash reproduce.sh smoke                       # generated tiled shapes, vit_nano, CPU: the whole chain in minutes
 #   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset
 #   bash reproduce.sh fashion_mnist                # ViT-T/4 on 28 px, one GPU
 #   bash reproduce.sh cifar10 --data_path data/    # ViT-T/4 on 32 px; cifar100 likewise

@@ -224,6 +224,16 @@ def test_synthetic_is_deterministic_balanced_and_val_differs():
     assert data.load_split("synthetic", None, "val", 48).images.shape == (1000, 3, 48, 48)
 
 
+def test_synthetic_shows_its_class_in_every_small_crop():
+    """The shapes are tiled, so a crop of ~8% of the area (9 x 9 of 32 x 32, stage 3's smallest) holds shape and
+    background, not a flat patch. Measured: 0.2% of such windows are flat; the untiled shapes of before session 11
+    (one shape at a random place) had 31%."""
+    images, _ = data.make_synthetic(500, 32, 3)
+    windows = images[:, 0].float().unfold(1, 9, 1).unfold(2, 9, 1)  # (500, 24, 24, 9, 9): every 9 x 9 window
+    spread = windows.amax((-1, -2)) - windows.amin((-1, -2))  # shape vs background: >= 0.2 * 255 = 51 apart
+    assert (spread < 40).float().mean() < 0.01
+
+
 def test_unknown_dataset_and_missing_path_raise_data_error(tmp_path):
     with pytest.raises(data.DataError, match="cifar10"):
         data.load_split("mnist", None, "train", 32)
