@@ -26,6 +26,11 @@ SEED=${SEED:-0}
 if [ -n "${MAE:-}" ]; then  # the joint arm trains from scratch on the sequential recipe's budget, so stage 1 must too
   echo "error: ablations.sh trains its own stage 1 (the joint arm is compared with it); unset MAE" >&2; exit 2
 fi
+# The joint arm's head sits on the model's pooling (pretrain_mae.py: the mean of patch tokens for ViT-nano), so the
+# sequential arms tune the mean too, also for smoke, whose reproduce.sh recipe tunes the CLS token since session 11.
+if [ "${POOLING:-mean}" != mean ]; then
+  echo "error: POOLING='$POOLING': ablations.sh compares arms on the mean of patch tokens (the joint arm's pooling)" >&2; exit 2
+fi
 case $name in
   smoke)      data="--dataset synthetic"; model=vit_nano; e=(10 5 5); bs=256
               head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; topk=5 ;;
@@ -42,7 +47,7 @@ cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"
 
-AUG=1 bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/ct_aug, RUN/eval_*
+POOLING=mean AUG=1 bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/ct_aug, RUN/eval_*
 
 run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the wall seconds); resume if begun
   local dir=$1 script=$2; shift 2

@@ -166,7 +166,11 @@ def test_ablations_sh_smoke_end_to_end(tmp_path):
     assert (run / "abl" / "ct_k5").resolve() == (run / "ct").resolve()  # reproduce.sh's stage 3 is reused
     assert (run / "abl" / "ct_aug").resolve() == (run / "ct_aug").resolve()  # and its MAE-CT_aug
     assert "(reproduce.sh MAE-CT_aug) |" in table
-    assert load_ckpt(run / "abl" / "joint_l1" / "ckpt.pt")["args"]["nnclr_weight"] == 1.0
+    joint = load_ckpt(run / "abl" / "joint_l1" / "ckpt.pt")
+    assert joint["args"]["nnclr_weight"] == 1.0
+    # every arm tunes the joint arm's pooling (the model's mean), though the smoke recipe alone tunes the CLS token
+    arms = [run / "head", run / "ct", run / "ct_aug", run / "abl" / "ct_k1"]
+    assert [load_ckpt(a / "ckpt.pt")["args"]["pooling"] for a in arms] == [joint["config"]["pooling"]] * 4 == ["mean"] * 4
 
 
 def test_ablations_sh_refuses_a_given_mae(tmp_path):
@@ -175,3 +179,7 @@ def test_ablations_sh_refuses_a_given_mae(tmp_path):
     r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env=env)
     assert r.returncode == 2 and "unset MAE" in r.stderr and not (tmp_path / "run").exists()
+    env.pop("MAE")
+    r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env=dict(env, POOLING="cls"))
+    assert r.returncode == 2 and "POOLING='cls'" in r.stderr and not (tmp_path / "run").exists()

@@ -23,10 +23,13 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
         assert (run / stage / "ckpt.pt").exists() and (run / stage / "DONE").exists()
     table = (run / "table.md").read_text()
     assert "| MAE |" in table and "| MAE-CT |" in table and "| MAE-CT_aug |" in table
-    # the MAE's other pooling (stage 3 tunes the mean of the patch tokens for ViT-nano) is shown too, with its own numbers
-    cls_row = next(line for line in table.splitlines() if line.startswith("| MAE (CLS token) |"))
+    # the smoke recipe tunes the CLS token (session 11); the table leads with the MAE's CLS token and shows its mean
+    # of patch tokens too, each with its own numbers
+    rows = table.splitlines()
+    row = lambda name: next(line for line in rows if line.startswith(f"| {name} |")).split("|")[2].strip()
     mae = json.loads((run / "eval_mae" / "results.json").read_text())
-    assert mae["pooling"] == "mean" and cls_row.split("|")[2].strip() == f"{mae['cls']['knn10']:.1f}"
+    assert rows[0].startswith(f"{run}: pooling cls") and load_ckpt(run / "ct" / "ckpt.pt")["args"]["pooling"] == "cls"
+    assert row("MAE") == f"{mae['cls']['knn10']:.1f}" and row("MAE (mean pooling)") == f"{mae['mean']['knn10']:.1f}"
     # MAE-CT_aug has its own stage-2 head, trained on the colour views (as the authors); its stage 3 takes the views
     # and the paper's _aug head lr from that head, and shares the recipe's epochs and top-k with MAE-CT
     ha, hb = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("head", "head_aug"))
@@ -49,22 +52,22 @@ def test_reproduce_smoke_chain_and_rerun(tmp_path):
     r3 = subprocess.run(cmd, cwd=REPO, env=dict(env, E3="2"), capture_output=True, text=True, timeout=120)
     assert r3.returncode == 2 and r3.stderr.strip().splitlines()[-1].startswith(f"error: {run / 'ct'} was made with other settings")
     assert "contrastive_tune.py ->" not in r3.stdout and r3.stdout.count("skipped") == 3
-    # POOLING=cls: stages 2 and 3 tune the CLS token (the same stage 1, copied), and the table leads with the MAE's CLS
-    run_cls = tmp_path / "smoke_cls"
-    run_cls.mkdir()
+    # POOLING=mean: stages 2 and 3 tune the mean of patch tokens (the same stage 1, copied), and the table leads with
+    # the MAE's mean
+    run_mean = tmp_path / "smoke_mean"
+    run_mean.mkdir()
     for d in ("mae", "eval_mae"):
-        shutil.copytree(run / d, run_cls / d)
-    r4 = subprocess.run(cmd, cwd=REPO, env=dict(env, RUN=str(run_cls), POOLING="cls", AUG="0"), capture_output=True,
+        shutil.copytree(run / d, run_mean / d)
+    r4 = subprocess.run(cmd, cwd=REPO, env=dict(env, RUN=str(run_mean), POOLING="mean", AUG="0"), capture_output=True,
                         text=True, timeout=300)
     assert r4.returncode == 0, r4.stdout[-2000:] + r4.stderr[-2000:]
-    assert "pretrain_mae.py ->" not in r4.stdout and not (run_cls / "ct_aug").exists()
-    assert load_ckpt(run_cls / "head" / "ckpt.pt")["args"]["pooling"] == "cls"
-    assert load_ckpt(run_cls / "ct" / "ckpt.pt")["args"]["pooling"] == "cls"
-    table = (run_cls / "table.md").read_text().splitlines()
-    row = lambda name: next(line for line in table if line.startswith(f"| {name} |")).split("|")[2].strip()
-    assert table[0].startswith(f"{run_cls}: pooling cls")
-    assert row("MAE") == f"{mae['cls']['knn10']:.1f}" and row("MAE (mean pooling)") == f"{mae['mean']['knn10']:.1f}"
-    assert row("MAE-CT") == f"{json.loads((run_cls / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
+    assert "pretrain_mae.py ->" not in r4.stdout and not (run_mean / "ct_aug").exists()
+    assert load_ckpt(run_mean / "head" / "ckpt.pt")["args"]["pooling"] == "mean"
+    assert load_ckpt(run_mean / "ct" / "ckpt.pt")["args"]["pooling"] == "mean"
+    rows = (run_mean / "table.md").read_text().splitlines()
+    assert rows[0].startswith(f"{run_mean}: pooling mean")
+    assert row("MAE") == f"{mae['mean']['knn10']:.1f}" and row("MAE (CLS token)") == f"{mae['cls']['knn10']:.1f}"
+    assert row("MAE-CT") == f"{json.loads((run_mean / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
 
 
 def test_reproduce_rejects_unknown_recipe_and_pooling(tmp_path):
@@ -144,7 +147,7 @@ def value(args, name):
 
 
 # recipe: (CUDA graphs in stages 1 and 3 on one GPU, the pooling stages 2-3 are told to tune; None: the model size's)
-RECIPES = {"smoke": (False, None), "cifar10_5k": (False, None), "fashion_mnist": (True, "cls"), "cifar10": (True, None),
+RECIPES = {"smoke": (False, "cls"), "cifar10_5k": (False, None), "fashion_mnist": (True, "cls"), "cifar10": (True, None),
            "cifar100": (True, None), "imagenet100": (False, None), "imagenet": (False, None)}
 
 
@@ -193,9 +196,29 @@ def test_a_head_from_before_session_10_is_not_continued(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     head = tmp_path / "run" / "head"
     tagged = (head / "SETTINGS").read_text()
-    assert tagged.startswith("[stages 2-3 of session 10] init_head.py ")
-    (head / "SETTINGS").write_text(tagged.split("] ", 1)[1])  # as reproduce.sh wrote it before session 10
+    assert tagged.startswith("[tiled shapes of session 11] [stages 2-3 of session 10] init_head.py ")
+    (head / "SETTINGS").write_text(tagged.replace("[stages 2-3 of session 10] ", ""))  # as written before session 10
     r, calls = fake_reproduce(tmp_path, "smoke", 0)
     assert r.returncode == 2 and r.stderr.startswith(f"error: {head} was made before session 10's stage-2/3 settings")
     assert "/mae: done already, skipped" in r.stdout  # stage 1 did not change: kept
     assert recorded_calls(calls) == []  # nothing trained or evaluated
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_smoke_run_on_the_untiled_shapes_is_not_continued(tmp_path):
+    """Session 11 tiled the generated shapes (data.make_synthetic), a change in code, not in flags: a smoke run
+    folder made before has a stage 1 trained on other images, and none of its stages is reused."""
+    r, _ = fake_reproduce(tmp_path, "smoke", 0)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run = tmp_path / "run"
+    for stage in ("mae", "head", "ct", "head_aug", "ct_aug"):
+        assert (run / stage / "SETTINGS").read_text().startswith("[tiled shapes of session 11] ")
+    old = (run / "mae" / "SETTINGS").read_text().replace("[tiled shapes of session 11] ", "")
+    (run / "mae" / "SETTINGS").write_text(old)  # as reproduce.sh wrote it before session 11
+    r, calls = fake_reproduce(tmp_path, "smoke", 0)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {run / 'mae'} was trained on the generated shapes of before session 11 " \
+                               "(untiled); use another RUN="
+    assert recorded_calls(calls) == []  # nothing trained or evaluated
+    r, _ = fake_reproduce(tmp_path, "cifar10_5k", 0, RUN=str(tmp_path / "c5k"))  # real data: no tag
+    assert r.returncode == 0 and not (tmp_path / "c5k" / "mae" / "SETTINGS").read_text().startswith("[")
