@@ -173,8 +173,9 @@ def test_ablations_sh_smoke_end_to_end(tmp_path):
     assert [load_ckpt(a / "ckpt.pt")["args"]["pooling"] for a in arms] == [joint["config"]["pooling"]] * 4 == ["mean"] * 4
 
 
-def test_ablations_sh_refuses_a_given_mae(tmp_path):
-    """MAE= would skip the sequential stage 1 while the joint arm still trains from scratch: unequal budgets."""
+def test_ablations_sh_refuses_a_given_mae_or_another_pooling(tmp_path):
+    """MAE= would skip the sequential stage 1 while the joint arm still trains from scratch: unequal budgets; and
+    POOLING=cls would tune another feature than the joint arm's head sits on."""
     env = {**os.environ, "MAE": str(tmp_path / "mae.pth"), "RUN": str(tmp_path / "run")}
     r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env=env)
