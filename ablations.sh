@@ -27,7 +27,8 @@ if [ -n "${MAE:-}" ]; then  # the joint arm trains from scratch on the sequentia
   echo "error: ablations.sh trains its own stage 1 (the joint arm is compared with it); unset MAE" >&2; exit 2
 fi
 # The joint arm's head sits on the model's pooling (pretrain_mae.py: the mean of patch tokens for ViT-nano), so the
-# sequential arms tune the mean too, also for smoke, whose reproduce.sh recipe tunes the CLS token since session 11.
+# sequential arms tune the mean too: the cifar10_5k recipe does by default, and smoke, whose reproduce.sh recipe tunes
+# the CLS token since session 11, is told so (POOLING=mean below).
 if [ "${POOLING:-mean}" != mean ]; then
   echo "error: POOLING='$POOLING': ablations.sh compares arms on the mean of patch tokens (the joint arm's pooling)" >&2; exit 2
 fi
@@ -47,7 +48,8 @@ cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"
 
-POOLING=mean AUG=1 bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/ct_aug, RUN/eval_*
+pin=; if [ "$name" = smoke ]; then pin=mean; fi  # unset for cifar10_5k: its run folders' SETTINGS stay as they were
+POOLING=$pin AUG=1 bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/ct_aug, RUN/eval_*
 
 run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the wall seconds); resume if begun
   local dir=$1 script=$2; shift 2

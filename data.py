@@ -213,12 +213,13 @@ def make_synthetic(n: int, size: int, seed: int):
     """n images of 10 tiled shapes (class = the shape, repeated over the whole image) -> uint8 (n, 3, size, size),
     int64 (n,). Deterministic.
 
-    Each image tiles one of 10 shapes with a random period (7-12 px at 32 px: about 3-4.5 tiles a side) and a
-    random phase. Every crop that stage 3 takes (>= 8% of the area: about one tile) still shows the class, as a
-    crop of an object-centric photo mostly does; that is the premise of MAE-CT's positives (a crop's nearest
-    neighbour should share the object). Until session 11 of RESULTS.md the set held one shape at a random position
-    and size: a crop was often background only, its nearest neighbour had the query's class 23% of the time
-    (tiled: 39-44%), and MAE-CT stayed equal to its MAE. Phase and period defeat raw pixels (k-NN@10 66%).
+    Each image tiles one of 10 shapes with a random period (7-12 px at 32 px: 2.7-4.6 tiles a side) and a random
+    phase. Every crop that stage 3 takes (>= 8% of the area: at least about half a tile) shows part of the pattern,
+    as a crop of an object-centric photo mostly shows part of the object; that is the premise of MAE-CT's positives
+    (a crop's nearest neighbour should share the object). Until session 11 of RESULTS.md the set held one shape at a
+    random position and size: a crop was often background only, its nearest neighbour had the query's class 23% of
+    the time (tiled: 39-44%), and MAE-CT stayed equal to its MAE. Phase and period lower raw-pixel k-NN@10 to 66%
+    (untiled: 84%).
     """
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % 10)  # balanced classes in random order

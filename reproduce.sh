@@ -107,7 +107,8 @@ stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume
   if [ "$name" = smoke ]; then settings="[tiled shapes of session 11] $settings"; fi
   if [ -f "$dir/SETTINGS" ] && [ "$(cat "$dir/SETTINGS")" != "$settings" ]; then
     if [[ $settings == "[tiled shapes"* && $(cat "$dir/SETTINGS") != "[tiled shapes"* ]]; then
-      echo "error: $dir was trained on the generated shapes of before session 11 (untiled); use another RUN=" >&2
+      echo "error: $dir has no tag of session 11's tiled generated shapes, so it may have seen the untiled ones;" \
+           "use another RUN= (and no stage 1 from such a folder as MAE=)" >&2
     elif [[ $settings == *"[stages 2-3"* && $(cat "$dir/SETTINGS") != *"[stages 2-3"* ]]; then
       echo "error: $dir was made before session 10's stage-2/3 settings (AdamW beta2 0.95, the head's default" \
            "init); use another RUN= (MAE=$RUN/mae/ckpt.pt keeps a stage 1 trained there)" >&2

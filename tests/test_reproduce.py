@@ -192,13 +192,13 @@ def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, rec
 def test_a_head_from_before_session_10_is_not_continued(tmp_path):
     """Session 10 changed stages 2-3 in code (AdamW beta2, the head's init), not in their flags: a run folder made
     before keeps its stage 1, but its stage-2 head is neither reused nor continued."""
-    r, _ = fake_reproduce(tmp_path, "smoke", 0)
+    r, _ = fake_reproduce(tmp_path, "cifar10_5k", 0)  # real data: only the session-10 tag (smoke has two)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     head = tmp_path / "run" / "head"
     tagged = (head / "SETTINGS").read_text()
-    assert tagged.startswith("[tiled shapes of session 11] [stages 2-3 of session 10] init_head.py ")
-    (head / "SETTINGS").write_text(tagged.replace("[stages 2-3 of session 10] ", ""))  # as written before session 10
-    r, calls = fake_reproduce(tmp_path, "smoke", 0)
+    assert tagged.startswith("[stages 2-3 of session 10] init_head.py ")
+    (head / "SETTINGS").write_text(tagged.split("] ", 1)[1])  # as reproduce.sh wrote it before session 10
+    r, calls = fake_reproduce(tmp_path, "cifar10_5k", 0)
     assert r.returncode == 2 and r.stderr.startswith(f"error: {head} was made before session 10's stage-2/3 settings")
     assert "/mae: done already, skipped" in r.stdout  # stage 1 did not change: kept
     assert recorded_calls(calls) == []  # nothing trained or evaluated
@@ -217,8 +217,8 @@ def test_a_smoke_run_on_the_untiled_shapes_is_not_continued(tmp_path):
     (run / "mae" / "SETTINGS").write_text(old)  # as reproduce.sh wrote it before session 11
     r, calls = fake_reproduce(tmp_path, "smoke", 0)
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: {run / 'mae'} was trained on the generated shapes of before session 11 " \
-                               "(untiled); use another RUN="
+    assert r.stderr.strip() == f"error: {run / 'mae'} has no tag of session 11's tiled generated shapes, so it may " \
+                               "have seen the untiled ones; use another RUN= (and no stage 1 from such a folder as MAE=)"
     assert recorded_calls(calls) == []  # nothing trained or evaluated
     r, _ = fake_reproduce(tmp_path, "cifar10_5k", 0, RUN=str(tmp_path / "c5k"))  # real data: no tag
     assert r.returncode == 0 and not (tmp_path / "c5k" / "mae" / "SETTINGS").read_text().startswith("[")
