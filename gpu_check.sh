@@ -99,8 +99,9 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on 
   [ "${KEEP:-0}" = 1 ] || rm -rf runs/fm_gpu  # KEEP=1: continue a chain cut off by the deadline (warm machine)
   # TORCH_LOGS=dynamo: each stage logs when tracing and compiling start and end, and its compile times at exit
   # (~40 lines): is stage 1's ~100-s first log window (sessions 4-9) compilation, or graph recording and the rest?
+  local logs=${FM_TORCH_LOGS-dynamo}  # FM_TORCH_LOGS= (empty): none (an empty TORCH_LOGS stops torch 2.14 at import)
   timeout "$(left)" env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
-      TORCH_LOGS="${FM_TORCH_LOGS-dynamo}" bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
+      ${logs:+TORCH_LOGS="$logs"} bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
   CHAIN=$!
   variants "$END"
   wait $CHAIN
