@@ -4,32 +4,22 @@
 # Data is read from .devdata/ (git-ignored): prepare it on a machine that has it with
 #   mkdir -p .devdata/fmgz && cp /usr/share/datasets/fashion-mnist/*.gz .devdata/fmgz/ && cp -r ../shared/data/cifar10-5k .devdata/
 # Usage: OUT=folder bash gpu_check.sh   (results: OUT/*.log, OUT/*.json, OUT/fm_run.tar.gz)
-# PARTS picks and orders the parts. Default "fmsweep" (at most 580 s; run it with timeout_s 595): the full
-# Fashion-MNIST recipe, 100 + 20 + 40 epochs, MAE-CT and MAE-CT_aug (~8 minutes alone on an H200, session 5; since
-# session 10 MAE-CT_aug trains its own head on the colour views, one more 20-epoch stage 2, ~40 s), and
-# beside it the stage-3 VARIANTS (none by default: beside the chain they could push it past its deadline), each
-# starting once its input checkpoint is done. Seeds 0, 1, 2 of the mean-pooled recipe are in RESULTS.md, and stages
-# 2-3 on the CLS token paired with the mean from one stage 1 per seed (seed 2 on the recipe run's, seeds 0 and 1 on
-# new ones; k-means +1.7, +6.0, +3.9), which the recipe tunes since session 9, when the script's stage 3 as CUDA
-# graphs (part ctscript: 57,600 against 38,100 img/s) went into reproduce.sh too. The
-# recipe as it now stands has not run as one piece, and no chain has run on an H100 (the issue's card). Next device
-# session, on kind nvidia-h100-x1:
-#   call 1: SEED=3 OUT=$OUT bash gpu_check.sh   (timeout_s 595; the chain alone, a seed never run: the wall time on
-#           an H100 and a fourth seed; projected ~8 minutes of stages and evaluations on an H200, BENCHMARKS.md, plus
-#           ~40 s for MAE-CT_aug's own head; the first run with session 10's stage-2/3 settings: AdamW beta2 0.95
-#           and the head's default init, as the authors, RESULTS.md)
-#   If call 1 ran out of time before MAE-CT_aug's evaluation (the projection is close to its 580 s), call 2 is instead
-#   SEED=3 KEEP=1 T5=300 OUT=$OUT bash gpu_check.sh (timeout_s 315): on the warm machine the chain continues, finished
-#   stages skipped.
-#   call 2, at once on the still-warm machine (it is given back after ~30 s idle; its runs/fm_gpu/head is kept), if
-#   status leaves >= 250 s: two 80-epoch stage-3 variants side by side from call 1's head, towards issue 6's k-means
-#   >= 70 (40 epochs gave +2.8 to +3.3 k-means over 20 in session 4; with CUDA graphs 80 epochs cost ~85 s alone):
-#     SEED=3 T5=225 PARTS=variants VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead;e80aug|--crop_min
-#     0.5 --epochs 80 --compile_mode reduce-overhead|--views aug" OUT=$OUT bash gpu_check.sh  (timeout_s 240; e80aug
-#     trains its own colour-view head first, ~40 s; its stage 3 takes the views and head lr 5e-4 from it, and the
-#     top-20 that every variant gets)
-#   otherwise, with >= 210 s: PARTS=vitt (timeout_s 200; carry .devdata/cifar10-5k too): issue 5's ViT-T end-to-end
-#   target names an H100, and every benchmark figure so far is an H200's.
+# PARTS picks and orders the parts. Default "fmsweep" (at most T5=580 s; run it with timeout_s 595): the full
+# Fashion-MNIST recipe, 100 + 20 + 40 epochs, MAE-CT and MAE-CT_aug with its own head, and beside it the stage-3
+# VARIANTS (none by default: beside the chain they push it past its deadline), each starting once its input
+# checkpoint is done. Session 12 (H200, seed 3) ran the recipe as it now stands as one piece for the first time: ~590 s
+# for the chain, so the 580-s deadline stopped it in its last evaluation, and a second call with KEEP=1 finished it
+# (RESULTS.md, BENCHMARKS.md: 168 s of the chain is compilation). Seeds 0-2 are from before session 10's stage-2/3
+# settings, seed 3 after. Beside seed 3, an 80-epoch stage 3 from the chain's head gave k-means +4.1 over the recipe's
+# 40 (one seed). Next device session, with kind left out (session 12 got an H200 that way; an H100 has never been lent):
+#   call 1: SEED=4 OUT=$OUT bash gpu_check.sh 2>&1 | tee $OUT/main.log | tail -40   (timeout_s 595; expect the cut in
+#           MAE-CT_aug's evaluation, as in session 12)
+#   call 2, at once on the still-warm machine (it is given back after ~30 s idle; runs/fm_gpu is kept): the chain
+#           finished (its last evaluation, ~25 s) and the 80-epoch stage 3 beside it, from the chain's head, paired
+#           with the recipe's 40 on a second seed (~140 s alone on an H200):
+#     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead"
+#     OUT=$OUT bash gpu_check.sh   (timeout_s 205)
+#   give_back after it. Session 12 spent 826 s of its 900 this way.
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
