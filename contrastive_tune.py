@@ -32,7 +32,7 @@ import torch
 import common
 import data
 import evaluate
-from init_head import add_head_args, check_queue, nn_accuracy
+from init_head import add_head_args, check_compile_mode, check_queue, nn_accuracy
 from model import MAECT
 
 
@@ -61,13 +61,6 @@ def parse_args(argv=None):
                    help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
     g.add_argument("--target_ema", type=float, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
     g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 on ImageNet; 0 = off)")
-    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
-                   help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
-                        "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "
-                        "as one graph and replayed as CUDA graphs: 1.51x the images/s of ViT-T on 28 px in this script "
-                        "(BENCHMARKS.md), whose step is bound by the host; reproduce.sh's ViT-T recipes use it on one "
-                        "GPU. With --compile 1 (the default on CUDA); one process only. The top-k draws come from "
-                        "another random stream than in the default mode, so resume a run in the mode it started in")
     return p.parse_args(argv)
 
 
@@ -96,9 +89,7 @@ def main():
     args = parse_args()
     if args.dataset not in data.DATASETS:
         raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
-    if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise common.UserError("--compile_mode reduce-overhead is for one process: the cross-rank gather inside the "
-                               "graph is untested")
+    check_compile_mode(args)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.isfile(ckpt_path):
         raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")

@@ -21,7 +21,8 @@
 #     OUT=$OUT bash gpu_check.sh   (timeout_s 205)
 #   give_back after it. Session 12 spent 826 s of its 900 this way.
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
-# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9). SEED picks the seed, E1/E2/E3
+# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9); headscript (stage 2 as CUDA
+# graphs, never run on a GPU: for a session with ~200 s to spare). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -147,40 +148,57 @@ ctgraphs() {  # issue 5: stage 3 as CUDA graphs in bench.py (part ctscript runs 
         --json "$OUT/bench_ct_$mode.json" 2>&1 | tee "$OUT/bench_ct_$mode.log"
   done
 }
-ctscript() {  # issue 5: contrastive_tune.py --compile_mode reduce-overhead (the whole forward as CUDA graphs; bench.py:
-              # 1.17x the step, session 8) against the default mode, one after the other from one stage-2 head (a short
-              # eager stage 1 and 2: only the throughput and that the mode trains matter), then k-NN of both (the modes
-              # draw the top-k picks from different random streams, so their k-NN differs by noise). CUDA graphs first:
-              # it was the one not measured. TORCH_LOGS=perf_hints makes inductor say when it skips CUDA graphs.
-              # Session 9 (H200): 57,626 against 38,111 img/s, no skipped graph; reproduce.sh's ViT-T recipes use it.
-  local r=runs/fm_cts fm="--dataset fashion_mnist --data_path .devdata/fm --batch_size 1024"
+ctscript() { graphscript ct; }    # issue 5: stage 3 in both compile modes (session 9)
+headscript() { graphscript head; }  # stage 2 in both compile modes: never measured on a GPU (BENCHMARKS.md, session 12)
+graphscript() {  # graphscript ct|head: contrastive_tune.py (ct) or init_head.py (head) with --compile_mode
+              # reduce-overhead (the whole forward as CUDA graphs; bench.py: 1.17x for stage 3, session 8) against the
+              # default mode, one after the other from one short eager stage 1 (and, for ct, stage 2): only the
+              # throughput and that the mode trains matter. Then k-NN of both stage-3 runs (the modes draw the top-k
+              # picks from different random streams, so their k-NN differs by noise); stage 2 leaves the encoder as it
+              # is, so its runs are compared on their final loss and nn_acc (top-1 lookup: the same training up to
+              # rounding). CUDA graphs first: they are the unmeasured mode. TORCH_LOGS=perf_hints makes inductor say
+              # when it skips CUDA graphs. Session 9 (H200, ct): 57,626 against 38,111 img/s, no skipped graph;
+              # reproduce.sh's ViT-T recipes use it for stage 3. ~140 s for ct on an H200, less for head.
+  local stage=$1 r=runs/fm_cts fm="--dataset fashion_mnist --data_path .devdata/fm --batch_size 1024"
+  local part=${1}script
   rm -rf $r
   { timeout 100 python pretrain_mae.py $fm --model vit_tiny --epochs 2 --compile 0 --out_dir $r/mae &&
-    timeout 60 python init_head.py $fm --init_from $r/mae/ckpt.pt --epochs 2 --queue_size 16384 --compile 0 \
-        --out_dir $r/head; } > "$OUT/ctscript_head.log" 2>&1 || { echo "ctscript: stages 1-2 failed (ctscript_head.log)"; return 0; }
+    if [ "$stage" = ct ]; then timeout 60 python init_head.py $fm --init_from $r/mae/ckpt.pt --epochs 2 \
+        --queue_size 16384 --compile 0 --out_dir $r/head; fi; } > "$OUT/${part}_head.log" 2>&1 ||
+    { echo "$part: stages 1-2 failed (${part}_head.log)"; return 0; }
   for mode in reduce-overhead default; do
-    { timeout "${T7:-150}" env TORCH_LOGS=perf_hints python contrastive_tune.py $fm --init_from $r/head/ckpt.pt --epochs 10 \
-          --topk 20 --crop_min 0.5 --compile_mode $mode --out_dir $r/ct_$mode &&
-      timeout 60 python evaluate.py --init_from $r/ct_$mode/ckpt.pt --dataset fashion_mnist --data_path .devdata/fm \
-          --metrics knn --out_dir $r/eval_$mode; } > "$OUT/ctscript_$mode.log" 2>&1 || echo "ctscript: $mode failed"
-    python - "$r" "$mode" "$OUT/ctscript_$mode.log" <<'PY' 2>&1 | tee -a "$OUT/ctscript_summary.log"
+    if [ "$stage" = ct ]; then
+      { timeout "${T7:-150}" env TORCH_LOGS=perf_hints python contrastive_tune.py $fm --init_from $r/head/ckpt.pt \
+            --epochs 10 --topk 20 --crop_min 0.5 --compile_mode $mode --out_dir $r/ct_$mode &&
+        timeout 60 python evaluate.py --init_from $r/ct_$mode/ckpt.pt --dataset fashion_mnist --data_path .devdata/fm \
+            --metrics knn --out_dir $r/eval_$mode; } > "$OUT/${part}_$mode.log" 2>&1 || echo "$part: $mode failed"
+    else
+      timeout "${T7:-150}" env TORCH_LOGS=perf_hints python init_head.py $fm --init_from $r/mae/ckpt.pt --epochs 10 \
+          --queue_size 16384 --pooling cls --compile_mode $mode --out_dir $r/head_$mode > "$OUT/${part}_$mode.log" 2>&1 ||
+          echo "$part: $mode failed"
+    fi
+    python - "$r" "$stage" "$mode" "$OUT/${part}_$mode.log" <<'PY' 2>&1 | tee -a "$OUT/${part}_summary.log"
 import json, os, statistics, sys
-run, mode, out = sys.argv[1:]
-log, res = os.path.join(run, f"ct_{mode}", "log.jsonl"), os.path.join(run, f"eval_{mode}", "results.json")
-rates = []
+run, stage, mode, out = sys.argv[1:]
+log, res = os.path.join(run, f"{stage}_{mode}", "log.jsonl"), os.path.join(run, f"eval_{mode}", "results.json")
+lines = []
 for line in open(log) if os.path.exists(log) else []:
     try:
-        rates.append(json.loads(line)["img_per_s"])
-    except (ValueError, KeyError):
+        lines.append(json.loads(line))
+    except ValueError:
         pass  # a line cut short by the time limit
-rates = rates[1:]  # the first 20-step window holds the compilation
-knn = json.load(open(res)).get("knn10") if os.path.exists(res) else None
+rates = [x["img_per_s"] for x in lines if "img_per_s" in x][1:]  # the first 20-step window holds the compilation
 skips = sum("skipping cudagraphs" in line for line in open(out, errors="replace")) if os.path.exists(out) else None
-print(f"ctscript {mode}: median {statistics.median(rates) if rates else None} img/s over {len(rates)} windows, "
-      f"k-NN@10 {knn}, 'skipping cudagraphs' lines {skips}")
+if stage == "ct":
+    what = f"k-NN@10 {json.load(open(res)).get('knn10') if os.path.exists(res) else None}"
+else:
+    last = lines[-1] if lines else {}
+    what = f"final loss {last.get('loss')}, nn_acc {last.get('nn_acc')}"
+print(f"{stage}script {mode}: median {statistics.median(rates) if rates else None} img/s over {len(rates)} windows, "
+      f"{what}, 'skipping cudagraphs' lines {skips}")
 PY
   done
-  tar czf "$OUT/ctscript_run.tar.gz" --exclude='*.pt' $r 2>/dev/null
+  tar czf "$OUT/${part}_run.tar.gz" --exclude='*.pt' $r 2>/dev/null
 }
 fmquick() {  # a short Fashion-MNIST chain with the recipe's CUDA graphs: does every stage run, and how fast
   rm -rf runs/fm_quick

@@ -59,7 +59,24 @@ def add_head_args(p, stage3=False):
                                                        "--topk, --head_blr, --epochs, --temperature)" if stage3
                                                        else "; stage 3 keeps this checkpoint's"))
     g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
+    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
+                   help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
+                        "reduce-overhead: the whole forward (encoder, head, target projector, lookup, loss) compiled "
+                        "as one graph and replayed as CUDA graphs; with --compile 1 (the default on CUDA), one process "
+                        "only. " + ("1.51x the images/s of ViT-T on 28 px in this script (BENCHMARKS.md), whose step "
+                                    "is bound by the host; reproduce.sh's ViT-T recipes use it on one GPU. The top-k "
+                                    "draws come from another random stream than in the default mode, so resume a run "
+                                    "in the mode it started in" if stage3 else
+                                    "Not yet measured on a GPU for this stage (stage 3 gained 1.51x, BENCHMARKS.md), "
+                                    "so no recipe uses it here. The lookup is exact (top-1): both modes train alike"))
     return p
+
+
+def check_compile_mode(args):
+    """CUDA graphs only in one process: the cross-rank gathers inside the one graph are untested."""
+    if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise common.UserError("--compile_mode reduce-overhead is for one process: the cross-rank gather inside the "
+                               "graph is untested")
 
 
 def check_queue(args, n_train):
@@ -84,6 +101,7 @@ def main():
     args = parse_args()
     if args.dataset not in data.DATASETS:
         raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+    check_compile_mode(args)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.isfile(ckpt_path):
         raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
@@ -132,7 +150,7 @@ def main():
     # ---- compile, DDP ----
     raw = model
     if args.compile:
-        model = common.compile_nnclr(model)
+        model = common.compile_nnclr(model, args.compile_mode)
     model = common.ddp(model, proc)
 
     # ---- loop ----

@@ -267,26 +267,38 @@ def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):
     assert 0 < d_target < d_online
 
 
-def test_stage3_compiles_the_whole_forward_as_one_graph_in_reduce_overhead(chain, tmp_path, monkeypatch, capsys):
-    """--compile_mode reduce-overhead compiles the MAECT forward as a whole (so the frozen half's output never leaves
-    the graph), the default mode the encoder and the head. Spied in process, then one real compiled run on CPU."""
+def stage_args(chain, script):
+    """The input checkpoint and the flags of a one-epoch CPU run of stage 2 or 3 on the chain's files."""
+    if script == "init_head.py":
+        return ["--init_from", chain / "mae.pt", *SMALL_HEAD]
+    return ["--init_from", chain / "head" / "ckpt.pt", "--topk", "3"]
+
+
+@pytest.mark.parametrize("script", ["init_head.py", "contrastive_tune.py"])
+def test_reduce_overhead_compiles_the_whole_forward_as_one_graph(chain, tmp_path, monkeypatch, capsys, script):
+    """--compile_mode reduce-overhead compiles the MAECT forward as a whole (so the frozen encoder's output never
+    leaves the graph), the default mode the encoder and the head, in stages 2 and 3. Spied in process, then one real
+    compiled run on CPU against eager."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append((type(m).__name__, kw.get("mode"))) or m)
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw.get("mode"))))
-    common_args = ["--init_from", chain / "head" / "ckpt.pt", "--dataset", "synthetic", "--epochs", "1", "--batch_size",
-                   "64", "--max_steps", "1", "--device", "cpu", "--topk", "3", "--compile", "1"]
+    common_args = [*stage_args(chain, script), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
+                   "--max_steps", "1", "--device", "cpu", "--compile", "1"]
     for mode, expected in [("reduce-overhead", [("MAECT", "reduce-overhead")]),
                            ("default", [("VisionTransformer", "default"), ("NNCLRHead", "default")])]:
         compiled.clear()
-        code, _, err = run_in_process(monkeypatch, capsys, "contrastive_tune.py", *common_args, "--compile_mode", mode,
+        code, _, err = run_in_process(monkeypatch, capsys, script, *common_args, "--compile_mode", mode,
                                       "--out_dir", tmp_path / mode)
         assert code == 0 and compiled == expected, (mode, compiled, err[-2000:])
     monkeypatch.undo()
-    # compiled for real (on CPU: no CUDA graphs, but the same single graph) against eager; top-1 lookup, so that no
-    # random draw differs between inductor's random stream and eager's: the same training up to float rounding
+    # compiled for real (on CPU: no CUDA graphs, but the same single graph) against eager; top-1 lookup (stage 2
+    # always), so that no random draw differs between inductor's random stream and eager's: the same training up to
+    # float rounding
     runs = {}
     for name, flags in [("eager", ["--compile", "0"]), ("graph", ["--compile", "1", "--compile_mode", "reduce-overhead"])]:
-        r = ct(chain, tmp_path / name, "--max_steps", "3", "--log_every", "1", "--topk", "1", *flags)
+        r = run(script, *stage_args(chain, script), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
+                "--device", "cpu", "--warmup_epochs", "0.1", "--max_steps", "3", "--log_every", "1",
+                *(["--topk", "1"] if script == "contrastive_tune.py" else []), *flags, "--out_dir", tmp_path / name)
         assert r.returncode == 0, r.stderr[-2000:]
         log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
         runs[name] = ([x["loss"] for x in log], torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"])
@@ -294,8 +306,12 @@ def test_stage3_compiles_the_whole_forward_as_one_graph_in_reduce_overhead(chain
     assert len(loss_g) == 3 and loss_g == pytest.approx(loss_e, abs=1e-4)
     assert torch.equal(sd_g["queue.indices"], sd_e["queue.indices"])
     assert all(torch.allclose(sd_g[k], v, atol=1e-4) for k, v in sd_e.items() if v.is_floating_point())
-    before = torch.load(chain / "head" / "ckpt.pt", weights_only=True)["model"]
-    assert not torch.equal(sd_g["encoder.blocks.3.attn.qkv.weight"], before["encoder.blocks.3.attn.qkv.weight"])
+    before = torch.load(stage_args(chain, script)[1], weights_only=True)["model"]
+    w = "blocks.3.attn.qkv.weight"  # stage 2: the encoder frozen bit for bit in the graph too; stage 3: trained
+    if script == "init_head.py":
+        assert torch.equal(sd_g["encoder." + w], before[w])
+    else:
+        assert not torch.equal(sd_g["encoder." + w], before["encoder." + w])
 
 
 def test_paper_defaults_follow_the_variant_and_the_model_size():
@@ -428,10 +444,11 @@ def test_bad_input(chain, tmp_path):
     assert_refused(ct(chain, out, "--pooling", "cls"), out, "--pooling cls differs from the stage-2 head")
     assert_refused(ct(chain, out, "--proj_dim", "64"), out, "--proj_dim 64 differs from the stage-2 head")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")
-    two = subprocess.run([sys.executable, str(ROOT / "contrastive_tune.py"), "--init_from", str(chain / "head" / "ckpt.pt"),
-                          "--compile_mode", "reduce-overhead", "--out_dir", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
-    assert_refused(two, out, "--compile_mode reduce-overhead is for one process")
+    for script in ["init_head.py", "contrastive_tune.py"]:
+        two = subprocess.run([sys.executable, str(ROOT / script), *map(str, stage_args(chain, script)[:2]),
+                              "--compile_mode", "reduce-overhead", "--out_dir", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+        assert_refused(two, out, "--compile_mode reduce-overhead is for one process")
     assert ct(chain, tmp_path / "ok", *SMALL_HEAD, "--pooling", "mean", "--max_steps", "1").returncode == 0  # the head's own
 
 

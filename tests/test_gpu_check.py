@@ -76,8 +76,8 @@ def test_a_variant_stops_waiting_when_the_chain_dies_before_its_input(tmp_path):
     assert not any(c[0] == "contrastive_tune.py" for c in calls)
 
 
-def test_the_next_sessions_calls_a_cls_chain_with_a_mean_arm_and_ctscript(tmp_path):
-    # call 1 of the header: POOLING reaches the chain's stage 2 (stage 3 takes the head's), the mean arm its own head
+def test_a_cls_chain_with_a_mean_arm_and_ctscript(tmp_path):
+    # sessions 8-9's calls: POOLING reaches the chain's stage 2 (stage 3 takes the head's), the mean arm its own head
     calls, _, _ = run_gpu_check(tmp_path, SEED="1", POOLING="cls", VARIANTS="mean|--crop_min 0.5 --epochs 40|--pooling mean")
     heads = {flag(c, "--out_dir"): c for c in calls if c[0] == "init_head.py"}
     assert flag(heads["runs/fm_gpu/head"], "--pooling") == "cls" and flag(heads["runs/fm_gpu/head_mean"], "--pooling") == "mean"
@@ -97,6 +97,36 @@ def test_the_next_sessions_calls_a_cls_chain_with_a_mean_arm_and_ctscript(tmp_pa
     # a failed stage 1 or 2 is named and stops the part, not the script
     calls, _, stdout = run_gpu_check(tmp_path / "3", PARTS="ctscript", FAIL_SCRIPT="init_head.py")
     assert "ctscript: stages 1-2 failed" in stdout and not any(c[0] == "contrastive_tune.py" for c in calls)
+
+
+def test_headscript_runs_stage_2_in_both_compile_modes_from_one_short_mae(tmp_path):
+    calls, out, stdout = run_gpu_check(tmp_path, PARTS="headscript")
+    heads = [c for c in calls if c[0] == "init_head.py"]
+    assert [flag(c, "--compile_mode") for c in heads] == ["reduce-overhead", "default"]  # the unmeasured one first
+    assert {flag(c, "--init_from") for c in heads} == {"runs/fm_cts/mae/ckpt.pt"}
+    assert not any(c[0] in ("contrastive_tune.py", "evaluate.py") for c in calls)
+    assert "headscript reduce-overhead: median None img/s over 0 windows, final loss None, nn_acc None" in stdout
+    assert (out / "headscript_default.log").exists()
+    calls, _, stdout = run_gpu_check(tmp_path / "2", PARTS="headscript", FAIL_SCRIPT="pretrain_mae.py")
+    assert "headscript: stages 1-2 failed" in stdout and not any(c[0] == "init_head.py" for c in calls)
+
+
+def test_the_next_sessions_calls_a_seed_4_chain_then_80_tuning_epochs_beside_its_end(tmp_path):
+    # call 1 of the header: the chain; suppose its deadline cut MAE-CT_aug's evaluation (as in session 12)
+    calls, _, _ = run_gpu_check(tmp_path, SEED="4")
+    assert {flag(c, "--seed") for c in calls} == {"4"}
+    (tmp_path / "repo" / "runs" / "fm_gpu" / "eval_ct_aug" / "results.json").unlink()
+    # call 2: the chain finished (that evaluation only) and the 80-epoch stage 3 from the chain's head, evaluated
+    calls, out, _ = run_gpu_check(tmp_path, SEED="4", KEEP="1", T5="190", FM_TORCH_LOGS="",
+                                  VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead")
+    trained = [(c[0], flag(c, "--out_dir")) for c in calls if c[0] != "evaluate.py"]
+    assert trained == [("contrastive_tune.py", "runs/fm_gpu/e80")]
+    e80 = next(c for c in calls if c[0] == "contrastive_tune.py")
+    assert flag(e80, "--init_from") == "runs/fm_gpu/head/ckpt.pt" and flag(e80, "--epochs") == "80"
+    assert flag(e80, "--crop_min") == "0.5" and flag(e80, "--topk") == "20" and flag(e80, "--seed") == "4"
+    evals = sorted(flag(c, "--out_dir") for c in calls if c[0] == "evaluate.py")
+    assert evals == ["runs/fm_gpu/eval_ct_aug", "runs/fm_gpu/eval_e80"]
+    assert (out / "e80.log").exists()
 
 
 def test_keep_continues_a_cut_off_chain_and_a_plain_call_starts_afresh(tmp_path):
