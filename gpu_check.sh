@@ -19,10 +19,12 @@
 #           with the recipe's 40 on a second seed (~140 s alone on an H200):
 #     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead"
 #     OUT=$OUT bash gpu_check.sh   (timeout_s 205)
+#   If call 1 was cut before runs/fm_gpu/ct_aug/DONE (a slower card, e.g. an H100), call 2 is the chain alone:
+#     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= OUT=$OUT bash gpu_check.sh   (timeout_s 205; its output says which stages ran)
 #   give_back after it. Session 12 spent 826 s of its 900 this way.
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
-# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9); headscript (stage 2 as CUDA
-# graphs, never run on a GPU: for a session with ~200 s to spare). SEED picks the seed, E1/E2/E3
+# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9). Never run on a GPU:
+# headscript (stage 2 in both compile modes, ~100 s; for a session with time to spare). SEED picks the seed, E1/E2/E3
 # shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -89,7 +91,7 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on 
   local END=$((SECONDS + ${T5:-580}))
   [ "${KEEP:-0}" = 1 ] || rm -rf runs/fm_gpu  # KEEP=1: continue a chain cut off by the deadline (warm machine)
   # TORCH_LOGS=dynamo: each stage logs when tracing and compiling start and end, and its compile times at exit
-  # (~40 lines): is stage 1's ~100-s first log window (sessions 4-9) compilation, or graph recording and the rest?
+  # (~40 lines). Session 12 read them: stage 1's first log window (117 s) is compilation (112 s), not graph recording.
   local logs=${FM_TORCH_LOGS-dynamo}  # FM_TORCH_LOGS= (empty): none (an empty TORCH_LOGS stops torch 2.14 at import)
   timeout "$(left)" env RUN=runs/fm_gpu EVAL="--metrics knn,linear,kmeans,pictures --probe_epochs 50 --kmeans_seeds 5" \
       ${logs:+TORCH_LOGS="$logs"} bash reproduce.sh fashion_mnist --data_path .devdata/fm ${FM_FLAGS:-} > "$OUT/fm.log" 2>&1 &
@@ -159,7 +161,7 @@ graphscript() {  # graphscript ct|head: contrastive_tune.py (ct) or init_head.py
               # rounding). CUDA graphs first: they are the unmeasured mode. TORCH_LOGS=perf_hints makes inductor say
               # when it skips CUDA graphs. Session 9 (H200, ct): 57,626 against 38,111 img/s, no skipped graph;
               # reproduce.sh's ViT-T recipes use it for stage 3. ~140 s for ct on an H200, less for head.
-  local stage=$1 r=runs/fm_cts fm="--dataset fashion_mnist --data_path .devdata/fm --batch_size 1024"
+  local stage=${1:?graphscript ct|head} r=runs/fm_cts fm="--dataset fashion_mnist --data_path .devdata/fm --batch_size 1024"
   local part=${1}script
   rm -rf $r
   { timeout 100 python pretrain_mae.py $fm --model vit_tiny --epochs 2 --compile 0 --out_dir $r/mae &&
