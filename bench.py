@@ -39,7 +39,7 @@ p.add_argument("--runs", type=int, default=5, help="timed runs; the median is re
 p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
 p.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default: on for CUDA)")
 p.add_argument("--compile_mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-               help="torch.compile mode of our steps and the end-to-end run (reduce-overhead = CUDA graphs; for the head "
+               help="torch.compile mode of our steps, the official model's compiled step and the end-to-end run (reduce-overhead = CUDA graphs; for the head "
                     "and ct stages it compiles their whole forward as one graph, an experiment the stage scripts do not run)")
 p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
 p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length for the head/ct stages")
@@ -301,13 +301,13 @@ if args.baseline:
     def official(compiled):
         model = build_mae(blocks_from_timm=True)
         opt = torch.optim.AdamW(common.decay_groups(model.named_parameters(), 0.05), lr=1e-4, betas=(0.9, 0.95))
-        if compiled:  # the same code with bf16 autocast and torch.compile
-            return mae_step(torch.compile(model), opt, proc.autocast, official=True)
+        if compiled:  # the same code with bf16 autocast and torch.compile, in our mode: like is compared with like
+            return mae_step(torch.compile(model, mode=args.compile_mode), opt, proc.autocast, official=True)
         fp16 = lambda: torch.autocast(dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
         return mae_step(model, opt, fp16, torch.amp.GradScaler(dev.type, enabled=cuda), official_sync=True, official=True)
     bench("mae, official recipe (timm blocks, fp16, eager)", lambda: official(False), eager_mae)
     if args.compile:
-        bench("mae, official code bf16 + compile", lambda: official(True), eager_mae)
+        bench("mae, official code bf16 + compile" + mode, lambda: official(True), eager_mae)
 if args.end_to_end and "mae" in stages:
     bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step){mode}", e2e_step, False)
 if args.end_to_end and "ct" in stages:

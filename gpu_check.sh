@@ -22,6 +22,9 @@
 #   If call 1 was cut before runs/fm_gpu/ct_aug/DONE (a slower card, e.g. an H100), call 2 is the chain alone:
 #     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= OUT=$OUT bash gpu_check.sh   (timeout_s 205; its output says which stages ran)
 #   give_back after it. Session 12 spent 826 s of its 900 this way.
+#   Issue 5's ViT-B target (1.02x the official model compiled; 1.2x asked) has not been retried since session 1. A
+#   session given to it instead: PARTS=vitb VITB_FLAGS="--compile_mode max-autotune-no-cudagraphs" (timeout_s 300:
+#   autotuning compiles long), then the same with "--compile_mode reduce-overhead".
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9). Never run on a GPU:
 # headscript (stage 2 in both compile modes, ~100 s; for a session with time to spare). SEED picks the seed, E1/E2/E3
@@ -52,9 +55,12 @@ vitt() {  # ViT-T/4 on 32 px, batch 1024: the MAE step and the real path (in-mem
       --steps 20 --runs 3 --end_to_end imagefolder --data_path .devdata/cifar10-5k \
       --json "$OUT/bench_vitt_cudagraphs.json" 2>&1 | tee "$OUT/bench_vitt_cudagraphs.log"
 }
-vitb() {  # MAE ViT-B/16, 224 px, batch 256: ours vs the official recipe (fp16 eager) and the official model compiled
+vitb() {  # MAE ViT-B/16, 224 px, batch 256: ours vs the official recipe (fp16 eager) and the official model compiled.
+          # VITB_FLAGS go to bench.py last, e.g. "--compile_mode reduce-overhead" or "--compile_mode
+          # max-autotune-no-cudagraphs" (issue 5: neither tried on ViT-B yet; bench.py compiles ours and the official model in that mode)
   timeout "${T1:-160}" python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 \
-      --stages mae --baseline --queue_size 65536 --steps 10 --runs 3 --json "$OUT/bench_vitb.json" 2>&1 | tee "$OUT/bench_vitb.log"
+      --stages mae --baseline --queue_size 65536 --steps 10 --runs 3 --json "$OUT/bench_vitb.json" ${VITB_FLAGS:-} 2>&1 |
+      tee "$OUT/bench_vitb.log"
 }
 rng() {  # seeding under CUDA graphs: after warm-up, the same seed must give the same loss and another seed another
          # one, with the mask noise drawn in the graph and drawn eagerly (as pretrain_mae.py does). Both passed on

@@ -21,7 +21,7 @@ def run_gpu_check(tmp_path, **env):
     out = tmp_path / "out"
     # gpu_check's own settings come from the test only, never from the environment the tests run in
     knobs = {"PARTS", "VARIANTS", "T5", "T6", "T7", "RNG", "SEED", "E1", "E2", "E3", "AUG", "FM_FLAGS", "STEPS", "EVAL", "RUN",
-             "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS", "KEEP", "E3_AUG"}
+             "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS", "KEEP", "E3_AUG", "VITB_FLAGS", "T1"}
     full = {k: v for k, v in os.environ.items() if k not in knobs}
     full.update({"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), "FAIL_SCRIPT": "none",
                  **env})
@@ -138,3 +138,9 @@ def test_keep_continues_a_cut_off_chain_and_a_plain_call_starts_afresh(tmp_path)
     assert [(c[0], flag(c, "--out_dir")) for c in again] == [("contrastive_tune.py", "runs/fm_gpu/ct_aug")]
     fresh = run_gpu_check(tmp_path)[0]  # without KEEP the chain starts over
     assert [c[0] for c in fresh].count("pretrain_mae.py") == 1
+
+
+def test_vitb_passes_its_extra_flags_to_the_benchmark(tmp_path):
+    calls, _, _ = run_gpu_check(tmp_path, PARTS="vitb", VITB_FLAGS="--compile_mode max-autotune-no-cudagraphs")
+    assert [c[0] for c in calls] == ["bench.py"]
+    assert flag(calls[0], "--model") == "vit_base" and flag(calls[0], "--compile_mode") == "max-autotune-no-cudagraphs"
