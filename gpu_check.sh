@@ -22,7 +22,7 @@
 #   If call 1 was cut before runs/fm_gpu/ct_aug/DONE (a slower card, e.g. an H100), call 2 is the chain alone:
 #     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= OUT=$OUT bash gpu_check.sh   (timeout_s 205; its output says which stages ran)
 #   give_back after it. Session 12 spent 826 s of its 900 this way.
-#   Issue 5's ViT-B target (1.02x the official model compiled; 1.2x asked) has not been retried since session 1. A
+#   Issue 5's ViT-B target (1.02x the official model compiled; 1.2x asked) has not been retried since it was first measured (BENCHMARKS.md). A
 #   session given to it instead: PARTS=vitb VITB_FLAGS="--compile_mode max-autotune-no-cudagraphs" (timeout_s 300:
 #   autotuning compiles long), then the same with "--compile_mode reduce-overhead".
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
