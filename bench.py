@@ -39,8 +39,9 @@ p.add_argument("--runs", type=int, default=5, help="timed runs; the median is re
 p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
 p.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default: on for CUDA)")
 p.add_argument("--compile_mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-               help="torch.compile mode of our steps, the official model's compiled step and the end-to-end run (reduce-overhead = CUDA graphs; for the head "
-                    "and ct stages it compiles their whole forward as one graph, an experiment the stage scripts do not run)")
+               help="torch.compile mode of our steps, the official model's compiled step and the end-to-end run "
+                    "(reduce-overhead = CUDA graphs; for the head and ct stages it compiles their whole forward as one "
+                    "graph, as the stage scripts do with --compile_mode reduce-overhead)")
 p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
 p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length for the head/ct stages")
 p.add_argument("--baseline", action="store_true", help="also time an MAE from timm blocks with the official recipe (needs timm)")

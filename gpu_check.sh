@@ -22,13 +22,13 @@
 #   If call 1 was cut before runs/fm_gpu/ct_aug/DONE (a slower card, e.g. an H100), call 2 is the chain alone:
 #     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= OUT=$OUT bash gpu_check.sh   (timeout_s 205; its output says which stages ran)
 #   give_back after it. Session 12 spent 826 s of its 900 this way.
-#   Issue 5's ViT-B target (1.02x the official model compiled; 1.2x asked) has not been retried since it was first measured (BENCHMARKS.md). A
-#   session given to it instead: PARTS=vitb VITB_FLAGS="--compile_mode max-autotune-no-cudagraphs" (timeout_s 300:
+#   Issue 5's ViT-B target (1.02x the official model compiled; 1.2x asked) has not been retried since it was first
+#   measured (BENCHMARKS.md). A session given to it instead: PARTS=vitb VITB_FLAGS="--compile_mode max-autotune-no-cudagraphs" (timeout_s 300:
 #   autotuning compiles long), then the same with "--compile_mode reduce-overhead".
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
-# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript (session 9). Never run on a GPU:
-# headscript (stage 2 in both compile modes, ~100 s; for a session with time to spare). SEED picks the seed, E1/E2/E3
-# shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
+# vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript
+# (session 9). Never run on a GPU: headscript (stage 2 in both compile modes, ~100 s; for a session with time to
+# spare). SEED picks the seed, E1/E2/E3 shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu_check}
@@ -57,9 +57,11 @@ vitt() {  # ViT-T/4 on 32 px, batch 1024: the MAE step and the real path (in-mem
 }
 vitb() {  # MAE ViT-B/16, 224 px, batch 256: ours vs the official recipe (fp16 eager) and the official model compiled.
           # VITB_FLAGS go to bench.py last, e.g. "--compile_mode reduce-overhead" or "--compile_mode
-          # max-autotune-no-cudagraphs" (issue 5: neither tried on ViT-B yet; bench.py compiles ours and the official model in that mode)
+          # max-autotune-no-cudagraphs" (issue 5: neither tried on ViT-B yet; bench.py compiles ours and the official
+          # model in that mode)
   timeout "${T1:-160}" python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 \
-      --stages mae --baseline --queue_size 65536 --steps 10 --runs 3 --json "$OUT/bench_vitb.json" ${VITB_FLAGS:-} 2>&1 |
+      --stages mae --baseline --queue_size 65536 --steps 10 --runs 3 --json "$OUT/bench_vitb.json" \
+      ${VITB_FLAGS:-} 2>&1 |
       tee "$OUT/bench_vitb.log"
 }
 rng() {  # seeding under CUDA graphs: after warm-up, the same seed must give the same loss and another seed another
@@ -167,7 +169,8 @@ graphscript() {  # graphscript ct|head: contrastive_tune.py (ct) or init_head.py
               # rounding). CUDA graphs first: they are the unmeasured mode. TORCH_LOGS=perf_hints makes inductor say
               # when it skips CUDA graphs. Session 9 (H200, ct): 57,626 against 38,111 img/s, no skipped graph;
               # reproduce.sh's ViT-T recipes use it for stage 3. ~140 s for ct on an H200, less for head.
-  local stage=${1:?graphscript ct|head} r=runs/fm_cts fm="--dataset fashion_mnist --data_path .devdata/fm --batch_size 1024"
+  local stage=${1:?graphscript ct|head} r=runs/fm_cts
+  local fm="--dataset fashion_mnist --data_path .devdata/fm --batch_size 1024"
   local part=${1}script
   rm -rf $r
   { timeout 100 python pretrain_mae.py $fm --model vit_tiny --epochs 2 --compile 0 --out_dir $r/mae &&
@@ -182,8 +185,8 @@ graphscript() {  # graphscript ct|head: contrastive_tune.py (ct) or init_head.py
             --metrics knn --out_dir $r/eval_$mode; } > "$OUT/${part}_$mode.log" 2>&1 || echo "$part: $mode failed"
     else
       timeout "${T7:-150}" env TORCH_LOGS=perf_hints python init_head.py $fm --init_from $r/mae/ckpt.pt --epochs 10 \
-          --queue_size 16384 --pooling cls --compile_mode $mode --out_dir $r/head_$mode > "$OUT/${part}_$mode.log" 2>&1 ||
-          echo "$part: $mode failed"
+          --queue_size 16384 --pooling cls --compile_mode $mode --out_dir $r/head_$mode \
+          > "$OUT/${part}_$mode.log" 2>&1 || echo "$part: $mode failed"
     fi
     python - "$r" "$stage" "$mode" "$OUT/${part}_$mode.log" <<'PY' 2>&1 | tee -a "$OUT/${part}_summary.log"
 import json, os, statistics, sys
