@@ -68,7 +68,8 @@ evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
 }
 
 # ---- 1: the head's own embedding vs the frozen encoder's features (one stage-2 checkpoint) ----
-for f in encoder projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt" --features $f "${pass[@]}"; done
+# The encoder's row is RUN/eval_mae's mean pooling: stage 2 leaves the encoder bit-identical and tunes the mean here.
+for f in projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt" --features $f "${pass[@]}"; done
 
 # ---- 2: top-k lookup strength from the same stage-2 head, and hand-made augmentation (MAE-CT_aug) ----
 warm=$((E3 / 5))
@@ -104,7 +105,7 @@ out = [f"# Ablations: {run} (dataset {res(f'{run}/eval_mae')['dataset']}, seed {
 out += ["## 1. NNCLR head on the frozen MAE encoder (stage-2 checkpoint): k-NN in each embedding", "",
         "| features | dim | k-NN@10 | k-NN@20 | linear |", "|---|---|---|---|---|"]
 for f in ("encoder", "projector", "predictor"):
-    r = res(f"{A}/f1_{f}")
+    r = res(f"{run}/eval_mae")["mean"] if f == "encoder" else res(f"{A}/f1_{f}")
     out.append(f"| {f} | {r['feature_dim']} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} |")
 
 out += ["", f"## 2. Contrastive tuning, {E3} epochs each, from the same head (the aug arm: from its own): "

@@ -163,6 +163,10 @@ def test_ablations_sh_smoke_end_to_end(tmp_path):
     for heading in ("## 1.", "## 2.", "## 3."):
         assert heading in table
     assert "| projector | 128 |" in table and "| top-1, crop+flip |" in table and "| joint, lambda = 1 |" in table
+    # table 1's encoder row is stage 1's evaluation (mean pooling): stage 2 leaves the encoder as it was
+    mae_mean = json.loads((run / "eval_mae" / "results.json").read_text())["mean"]
+    assert f"| encoder | 64 | {mae_mean['knn10']:.1f} | {mae_mean['knn20']:.1f} |" in table
+    assert not (run / "abl" / "f1_encoder").exists() and (run / "abl" / "f1_predictor" / "results.json").exists()
     assert (run / "abl" / "ct_k5").resolve() == (run / "ct").resolve()  # reproduce.sh's stage 3 is reused
     assert (run / "abl" / "ct_aug").resolve() == (run / "ct_aug").resolve()  # and its MAE-CT_aug
     assert "(reproduce.sh MAE-CT_aug) |" in table

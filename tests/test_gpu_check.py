@@ -24,7 +24,7 @@ def run_gpu_check(tmp_path, **env):
              "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS", "KEEP", "E3_AUG", "VITB_FLAGS", "T1"}
     full = {k: v for k, v in os.environ.items() if k not in knobs}
     full.update({"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), "FAIL_SCRIPT": "none",
-                 **env})
+                 "NGPU": "1", **env})  # the device machine's one GPU (and no 2-s torch import to count it)
     r = subprocess.run(["bash", str(work / "gpu_check.sh")], capture_output=True, text=True, timeout=120, env=full)
     assert r.returncode == 0 and "gpu_check done" in r.stdout, r.stdout + r.stderr
     return [args for args, _ in recorded_calls(calls)], out, r.stdout  # each stage call parsed
