@@ -67,11 +67,12 @@ def run_in_process(monkeypatch, capsys, script, *args):
 
 # A stand-in `python` (and `torchrun`) for the tests of the shell scripts that run the stages (reproduce.sh,
 # gpu_check.sh): it appends each stage command to $CALLS and writes the files a stage would, so their order and
-# flags are checked in seconds. `python -c/-/-m` run for real, except the GPU count, which is $NGPU when set.
+# flags are checked in seconds. `python -c/-/-m` run for real, except the GPU count, which is $NGPU when set, and
+# gpu_check.sh's torch/torchvision version line.
 # A command with --fail_here, or of the script $FAIL_SCRIPT, fails.
 FAKE_PYTHON = """#!/bin/bash
 if [ "$1" = -c ] && [ -n "${{NGPU:-}}" ] && [[ "$2" == *device_count* ]]; then echo "$NGPU"; exit 0; fi
-if [ "$1" = -c ] && [[ "$2" == *__version__* ]]; then echo "torch (fake python)"; exit 0; fi  # saves a 3-s import
+if [ "$1" = -c ] && [[ "$2" == *__version__* ]]; then echo "torch (fake python)"; exit 0; fi
 case "$1" in -c|-|-m) exec {real} "$@";; esac
 echo "$*" >> "$CALLS"
 out=""; prev=""
