@@ -43,7 +43,8 @@ export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
 export E3_AUG=$E3  # MAE-CT_aug tunes as long as the other arms
 export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
 TOPKS=${TOPKS-1 5 10 20 50}; LAMBDAS=${LAMBDAS-1}; METRICS=${METRICS:-knn,linear}
-source ./eval_flags.sh && eval_flags "$@"  # pass: the extra flags evaluate.py takes too
+source ./eval_flags.sh  # a missing file stops here (set -e)
+eval_flags "$@"  # pass: the extra flags evaluate.py takes too
 cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
 mkdir -p "$A"

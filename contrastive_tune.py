@@ -193,7 +193,7 @@ def main():
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
             with proc.autocast():
-                loss, z0, slots = model([v0, v1], idx, args.temperature, args.topk, gather, proc.rank)
+                loss, z0, nbrs = model([v0, v1], idx, args.temperature, args.topk, gather, proc.rank)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -205,7 +205,7 @@ def main():
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
-                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(raw, slots, labels, train_labels),
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(nbrs, labels, train_labels),
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 if proc.main:

@@ -12,15 +12,18 @@
 # (RESULTS.md, BENCHMARKS.md: 168 s of the chain is compilation). Seeds 0-2 are from before session 10's stage-2/3
 # settings, seed 3 after. Beside seed 3, an 80-epoch stage 3 from the chain's head gave k-means +4.1 over the recipe's
 # 40 (one seed). Next device session, with kind left out (session 12 got an H200 that way; an H100 has never been lent):
-#   call 1: SEED=4 OUT=$OUT bash gpu_check.sh 2>&1 | tee $OUT/main.log | tail -40   (timeout_s 595; expect the cut in
-#           MAE-CT_aug's evaluation, as in session 12)
+#   call 1: SEED=4 ARMS=parallel OUT=$OUT bash gpu_check.sh 2>&1 | tee $OUT/main.log | tail -40   (timeout_s 595).
+#           ARMS=parallel (session 13, CPU-tested only) runs MAE-CT_aug's arm beside MAE-CT's: the chain's time
+#           against session 12's serial ~590 s is the measurement (stage 2, host-bound, should overlap well; the two
+#           stage 3s, as CUDA graphs, less so). Serial, it would be cut in MAE-CT_aug's evaluation, as in session 12.
 #   call 2, at once on the still-warm machine (it is given back after ~30 s idle; runs/fm_gpu is kept): the chain
-#           finished (its last evaluation, ~25 s) and the 80-epoch stage 3 beside it, from the chain's head, paired
-#           with the recipe's 40 on a second seed (~140 s alone on an H200):
-#     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead"
-#     OUT=$OUT bash gpu_check.sh   (timeout_s 205)
+#           finished if call 1 was cut, and the 80-epoch stage 3 beside it, from the chain's head, paired with the
+#           recipe's 40 on a second seed (~140 s alone on an H200):
+#     SEED=4 KEEP=1 ARMS=parallel T5=190 FM_TORCH_LOGS= VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode
+#     reduce-overhead" OUT=$OUT bash gpu_check.sh   (timeout_s 205)
 #   If call 1 was cut before runs/fm_gpu/ct_aug/DONE (a slower card, e.g. an H100), call 2 is the chain alone:
-#     SEED=4 KEEP=1 T5=190 FM_TORCH_LOGS= OUT=$OUT bash gpu_check.sh   (timeout_s 205; its output says which stages ran)
+#     SEED=4 KEEP=1 ARMS=parallel T5=190 FM_TORCH_LOGS= OUT=$OUT bash gpu_check.sh   (timeout_s 205; its output says
+#     which stages ran)
 #   give_back after it. Session 12 spent 826 s of its 900 this way.
 #   Issue 5's ViT-B target (1.02x the official model compiled; 1.2x asked) has not been retried since it was first
 #   measured (BENCHMARKS.md). A session given to it instead: PARTS=vitb VITB_FLAGS="--compile_mode max-autotune-no-cudagraphs" (timeout_s 300:

@@ -95,10 +95,10 @@ def check_queue(args, n_train):
         raise common.UserError(f"--topk {args.topk} is larger than the queue ({args.queue_size})")
 
 
-def nn_accuracy(raw, slots, labels, train_labels):
-    """Fraction of looked-up neighbours whose image has the query's label (-1 = empty slot, never right)."""
-    qidx = raw.queue.indices[slots]
-    return ((qidx >= 0) & (train_labels[qidx.clamp(min=0)] == labels)).float().mean()
+def nn_accuracy(nbrs, labels, train_labels):
+    """Fraction of looked-up neighbours (their dataset indices, as the forward returns them; -1 = empty slot, never
+    right) whose image has the query's label."""
+    return ((nbrs >= 0) & (train_labels[nbrs.clamp(min=0)] == labels)).float().mean()
 
 
 def main():
@@ -176,7 +176,7 @@ def main():
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
             with proc.autocast():
-                loss, z0, slots = model([v0, v1], idx, args.temperature, 1, gather, proc.rank)
+                loss, z0, nbrs = model([v0, v1], idx, args.temperature, 1, gather, proc.rank)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -185,7 +185,7 @@ def main():
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
-                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(raw, slots, labels, train_labels),
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(nbrs, labels, train_labels),
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 if proc.main:

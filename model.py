@@ -367,9 +367,10 @@ class MAECT(nn.Module):
 
     def forward(self, views, idx, temperature, topk=1, gather=lambda x: x, rank=0):
         """views: two (n, C, H, W) batches of the same images, idx (n,) their dataset indices.
-        Returns the symmetric loss, the normalised view-0 embedding to enqueue (n, d) and the queue slots of
-        view 0's neighbours (n,) (for the NN-accuracy diagnostic). `gather` concatenates over ranks, with
-        gradient (common.gather); the caller enqueues after the optimiser step (SPEC, stage 2)."""
+        Returns the symmetric loss, the normalised view-0 embedding to enqueue (n, d) and the dataset indices of
+        view 0's neighbours (n,; -1 for an empty slot), for the NN-accuracy diagnostic: read here, since the enqueue
+        overwrites the slots. `gather` concatenates over ranks, with gradient (common.gather); the caller enqueues
+        after the optimiser step (SPEC, stage 2)."""
         # ViT has no batch statistics, so both views go through the encoder at once: (2n, D)
         feats = self.encoder(torch.cat(views), self.pooling).chunk(2)
         proj, pred = zip(*(self.head(f) for f in feats))  # the head sees one view at a time: BN per view
@@ -382,7 +383,7 @@ class MAECT(nn.Module):
             nn1, _ = self.queue.lookup(z[1], idx, topk)
         p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
         loss = (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2
-        return loss, z[0], slots
+        return loss, z[0], self.queue.indices[slots]
 
 
 class JointMAE(nn.Module):
@@ -403,8 +404,8 @@ class JointMAE(nn.Module):
 
     def forward(self, views, idx, mask_ratio, temperature, gather=lambda x: x, rank=0):
         """views: two (n, C, H, W) batches of the same images, idx (n,) their dataset indices. Returns
-        (MAE loss over both views, symmetric NNCLR loss, normalised view-0 projection to enqueue (n, d), queue
-        slots of view 0's neighbours (n,)); the caller enqueues after the optimiser step."""
+        (MAE loss over both views, symmetric NNCLR loss, normalised view-0 projection to enqueue (n, d), dataset
+        indices of view 0's neighbours (n,), as MAECT); the caller enqueues after the optimiser step."""
         imgs = torch.cat(views)  # (2n, C, H, W): the same masking draws as a plain MAE with two views
         latent, mask, ids_restore = self.mae.forward_features(imgs, mask_ratio=mask_ratio)  # (2n, 1+K, D)
         mae_loss = self.mae.forward_loss(imgs, self.mae.forward_decoder(latent, ids_restore), mask)
@@ -416,7 +417,7 @@ class JointMAE(nn.Module):
             nn1, _ = self.queue.lookup(z[1], idx)
         p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
         nnclr = (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2
-        return mae_loss, nnclr, z[0], slots
+        return mae_loss, nnclr, z[0], self.queue.indices[slots]
 
 
 # ---------------------------------------------------------------- init and loading

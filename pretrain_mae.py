@@ -152,7 +152,7 @@ def main():
             common.set_lr(opt, cur_lr)
             if joint:
                 with proc.autocast():
-                    mae_loss, nnclr_loss, z0, slots = model(views, idx, args.mask_ratio, args.temperature, gather, proc.rank)
+                    mae_loss, nnclr_loss, z0, nbrs = model(views, idx, args.mask_ratio, args.temperature, gather, proc.rank)
                 loss = mae_loss + args.nnclr_weight * nnclr_loss
             else:
                 imgs = torch.cat(views) if len(views) > 1 else views[0]  # (V*B, C, H, W)
@@ -171,7 +171,7 @@ def main():
                 log(step, epoch=epoch, loss=loss.detach(), lr=cur_lr)
             elif log.due(step):  # both parts separately; nn_acc: how often the neighbour has the query's label
                 log(step, epoch=epoch, loss=loss.detach(), mae_loss=mae_loss.detach(), nnclr_loss=nnclr_loss.detach(),
-                    nn_acc=nn_accuracy(raw, slots, labels, train_labels), lr=cur_lr)
+                    nn_acc=nn_accuracy(nbrs, labels, train_labels), lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 save(proc, args, raw, opt, step, epoch, cfg, ckpt_path)
             if step >= last_step:

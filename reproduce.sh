@@ -24,8 +24,11 @@
 # from this stage-1 checkpoint, ours or an official MAE .pth, instead of training stage 1; a path relative to this
 # folder, like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none
 # stops), GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1
-# only (the recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere). All visible
-# GPUs are used through torchrun.
+# only (the recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel
+# (one GPU or CPU: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the same device, its output in
+# RUN/arm_aug.log, and their stage seconds overlap; a ViT-T step in the default compile mode, as stage 2 runs, left
+# the GPU idle a third of the time (BENCHMARKS.md), so this may shorten the chain, which has not been measured on a
+# GPU yet; on 2 CPU cores it only splits them). All visible GPUs are used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
 # (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=), and a
@@ -74,13 +77,19 @@ case $POOLING in
   ""|cls|mean) ;;
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the recipe's default)" >&2; exit 2 ;;
 esac
-source ./eval_flags.sh && eval_flags "$@"  # pass: the extra flags evaluate.py takes too
+source ./eval_flags.sh  # a missing file stops here (set -e)
+eval_flags "$@"  # pass: the extra flags evaluate.py takes too
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}; E3_AUG=${E3_AUG:-${e3aug:-$E3}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
 ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 GRAPHS=${GRAPHS:-all}
 case $GRAPHS in all|mae|none) ;; *) echo "error: GRAPHS='$GRAPHS' (all, mae or none)" >&2; exit 2 ;; esac
+ARMS=${ARMS:-serial}
+case $ARMS in serial|parallel) ;; *) echo "error: ARMS='$ARMS' (serial or parallel)" >&2; exit 2 ;; esac
+if [ "$ARMS" = parallel ] && [ "$ngpu" -gt 1 ]; then  # two torchruns on one node would also clash on their port
+  echo "error: ARMS=parallel is for one GPU (or CPU); with $ngpu GPUs each arm already uses them all" >&2; exit 2
+fi
 if [ "$graphs" = 1 ] && [ "$ngpu" -le 1 ]; then  # measured on one GPU, not under DDP
   if [ "$GRAPHS" != none ]; then mae_extra="$mae_extra --compile_mode reduce-overhead"; fi
   if [ "$GRAPHS" = all ]; then ct_extra="--compile_mode reduce-overhead"; fi
@@ -132,22 +141,39 @@ evaluate() {  # evaluate NAME CHECKPOINT
   "${launch[@]}" evaluate.py --init_from "$2" $data --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
 }
 
+ct_arm() {  # MAE-CT: the MAE's evaluation, then stage 2 and stage 3 with crop + flip, and their evaluation
+  evaluate eval_mae "$mae"
+  stage head init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
+  stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
+  evaluate eval_ct "$RUN/ct/ckpt.pt"
+}
+aug_arm() {  # MAE-CT_aug: its own head, on the colour views; stage 3 takes the views and the _aug defaults from it
+  stage head_aug init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --views aug --epochs "$E2" \
+      --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
+  stage ct_aug contrastive_tune.py --init_from "$RUN/head_aug/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3_AUG" \
+      --batch_size "${bs[2]}" --warmup_epochs $((E3_AUG / 5)) $cap "$@"
+  evaluate eval_ct_aug "$RUN/ct_aug/ckpt.pt"
+}
+
 if [ -n "${MAE:-}" ]; then
   mae=$MAE  # given: stage 1 is not run
 else
   stage mae pretrain_mae.py --model $model $mae_extra --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
   mae=$RUN/mae/ckpt.pt
 fi
-evaluate eval_mae "$mae"
-stage head init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
-stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
-evaluate eval_ct "$RUN/ct/ckpt.pt"
-if [ "${AUG:-1}" != 0 ]; then  # its own head, on the colour views; stage 3 takes the views and the _aug defaults from it
-  stage head_aug init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --views aug --epochs "$E2" \
-      --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
-  stage ct_aug contrastive_tune.py --init_from "$RUN/head_aug/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3_AUG" \
-      --batch_size "${bs[2]}" --warmup_epochs $((E3_AUG / 5)) $cap "$@"
-  evaluate eval_ct_aug "$RUN/ct_aug/ckpt.pt"
+if [ "${AUG:-1}" = 0 ]; then
+  ct_arm "$@"
+elif [ "$ARMS" = serial ]; then
+  ct_arm "$@"; aug_arm "$@"
+else  # ARMS=parallel: both arms need only stage 1, so MAE-CT_aug's runs beside MAE-CT's, its output in a log file
+  aug_arm "$@" > "$RUN/arm_aug.log" 2>&1 &
+  aug_pid=$!
+  trap 'pkill -TERM -P "$aug_pid" 2>/dev/null; kill "$aug_pid" 2>/dev/null' EXIT  # this arm failed: stop the other
+  echo "== MAE-CT_aug's arm runs beside this one (ARMS=parallel): $RUN/arm_aug.log"
+  ct_arm "$@"
+  wait "$aug_pid" || { echo "error: MAE-CT_aug's arm failed; the end of $RUN/arm_aug.log:" >&2; tail -5 "$RUN/arm_aug.log" >&2; exit 1; }
+  trap - EXIT
+  cat "$RUN/arm_aug.log"
 fi
 
 python - "$RUN" <<'EOF'

@@ -29,8 +29,8 @@ def test_joint_model_shapes_and_gradients():
     mae = MaskedAutoencoder(**cfg)
     joint = JointMAE(mae, 64, "mean", 32, 16, 32)
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
-    mae_loss, nnclr, z0, slots = joint(views, torch.arange(8), 0.75, 0.15)
-    assert mae_loss.shape == nnclr.shape == () and z0.shape == (8, 16) and slots.shape == (8,)
+    mae_loss, nnclr, z0, nbrs = joint(views, torch.arange(8), 0.75, 0.15)
+    assert mae_loss.shape == nnclr.shape == () and z0.shape == (8, 16) and nbrs.shape == (8,)
     assert torch.allclose(z0.norm(dim=1), torch.ones(8), atol=1e-5)
     # the state dict splits cleanly: "mae." + a plain MAE's keys, the rest is head and queue
     sd = joint.state_dict()

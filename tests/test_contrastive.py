@@ -267,6 +267,23 @@ def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):
     assert 0 < d_target < d_online
 
 
+@pytest.mark.parametrize("script", ["init_head.py", "pretrain_mae.py"])
+def test_nn_acc_is_read_before_the_enqueue_overwrites_the_neighbours(chain, tmp_path, script):
+    """The logged nn_acc is about the neighbours the lookup found. With the queue as long as the batch, step 1 finds
+    an empty queue (index -1, never right): nn_acc 0 exactly. Read after the enqueue, as until session 13, the slots
+    held the current batch's images and it came out near chance (0.1) instead."""
+    if script == "init_head.py":
+        args = ["--init_from", chain / "mae.pt", *SMALL_HEAD]
+    else:  # the joint ablation (MAE + NNCLR from the start) logs it too
+        args = ["--model", "vit_nano", "--nnclr_weight", "1", *SMALL_HEAD]
+    r = run(script, *args, "--dataset", "synthetic", "--device", "cpu", "--batch_size", "128", "--queue_size", "128",
+            "--max_steps", "2", "--log_every", "1", "--out_dir", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-2000:]
+    logs = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert logs[0]["step"] == 1 and logs[0]["nn_acc"] == 0.0
+    assert logs[1]["nn_acc"] > 0  # step 2 looks up step 1's images, some of them of the query's class
+
+
 def stage_args(chain, script):
     """The input checkpoint and the flags of a one-epoch CPU run of stage 2 or 3 on the chain's files."""
     if script == "init_head.py":

@@ -12,7 +12,7 @@ from tests.conftest import REPO, fake_python, recorded_calls
 def run_gpu_check(tmp_path, **env):
     work = tmp_path / "repo"
     work.mkdir(parents=True, exist_ok=True)  # a second call reuses the copy, and its runs/ (a warm machine)
-    for f in ("gpu_check.sh", "reproduce.sh"):
+    for f in ("gpu_check.sh", "reproduce.sh", "eval_flags.sh"):
         shutil.copy(REPO / f, work / f)
     bin_ = tmp_path / "bin"
     fake_python(bin_)
@@ -21,7 +21,7 @@ def run_gpu_check(tmp_path, **env):
     out = tmp_path / "out"
     # gpu_check's own settings come from the test only, never from the environment the tests run in
     knobs = {"PARTS", "VARIANTS", "T5", "T6", "T7", "RNG", "SEED", "E1", "E2", "E3", "AUG", "FM_FLAGS", "STEPS", "EVAL", "RUN",
-             "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS", "KEEP", "E3_AUG", "VITB_FLAGS", "T1"}
+             "POOLING", "GRAPHS", "MAE", "NGPU", "FM_TORCH_LOGS", "KEEP", "E3_AUG", "VITB_FLAGS", "T1", "ARMS"}
     full = {k: v for k, v in os.environ.items() if k not in knobs}
     full.update({"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(out), "FAIL_SCRIPT": "none",
                  "NGPU": "1", **env})  # the device machine's one GPU (and no 2-s torch import to count it)
@@ -112,12 +112,14 @@ def test_headscript_runs_stage_2_in_both_compile_modes_from_one_short_mae(tmp_pa
 
 
 def test_the_next_sessions_calls_a_seed_4_chain_then_80_tuning_epochs_beside_its_end(tmp_path):
-    # call 1 of the header: the chain; suppose its deadline cut MAE-CT_aug's evaluation (as in session 12)
-    calls, _, _ = run_gpu_check(tmp_path, SEED="4")
+    # call 1 of the header: the chain, its two arms side by side; suppose its deadline cut MAE-CT_aug's evaluation
+    calls, _, _ = run_gpu_check(tmp_path, SEED="4", ARMS="parallel")
     assert {flag(c, "--seed") for c in calls} == {"4"}
+    assert {flag(c, "--data_path") for c in calls} == {".devdata/fm"}  # the evaluations' too (eval_flags.sh)
+    assert (tmp_path / "repo" / "runs" / "fm_gpu" / "arm_aug.log").exists()
     (tmp_path / "repo" / "runs" / "fm_gpu" / "eval_ct_aug" / "results.json").unlink()
     # call 2: the chain finished (that evaluation only) and the 80-epoch stage 3 from the chain's head, evaluated
-    calls, out, _ = run_gpu_check(tmp_path, SEED="4", KEEP="1", T5="190", FM_TORCH_LOGS="",
+    calls, out, _ = run_gpu_check(tmp_path, SEED="4", KEEP="1", ARMS="parallel", T5="190", FM_TORCH_LOGS="",
                                   VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead")
     trained = [(c[0], flag(c, "--out_dir")) for c in calls if c[0] != "evaluate.py"]
     assert trained == [("contrastive_tune.py", "runs/fm_gpu/e80")]

@@ -1,8 +1,10 @@
 """reproduce.sh runs the whole chain (smoke recipe, a few steps per stage) and a rerun skips finished stages."""
+import glob
 import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -222,3 +224,45 @@ def test_a_smoke_run_on_the_untiled_shapes_is_not_continued(tmp_path):
     assert recorded_calls(calls) == []  # nothing trained or evaluated
     r, _ = fake_reproduce(tmp_path, "cifar10_5k", 0, RUN=str(tmp_path / "c5k"))  # real data: no tag
     assert r.returncode == 0 and not (tmp_path / "c5k" / "mae" / "SETTINGS").read_text().startswith("[")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_parallel_arms_run_the_same_stages_and_a_failed_arm_stops_the_chain(tmp_path):
+    """ARMS=parallel: MAE-CT_aug's arm runs beside MAE-CT's (both need only stage 1), with the same stage commands as
+    serial; a failure in either arm stops the chain with an error and no table, and the other arm is stopped too."""
+    serial = recipe_calls(tmp_path / "serial", "fashion_mnist", 1)
+    par = recipe_calls(tmp_path / "par", "fashion_mnist", 1, ARMS="parallel")
+    key = lambda calls: sorted(" ".join(a) for c in calls.values() for a, _ in c)
+    assert key(par) == [k.replace("/serial/", "/par/") for k in key(serial)]
+    run = tmp_path / "par" / "run"
+    assert "== init_head.py -> " + str(run / "head_aug") in (run / "arm_aug.log").read_text()
+    assert (run / "table.md").read_text().count("| MAE-CT_aug |") == 1
+    # the aug arm fails: the MAE-CT arm finishes, the chain stops with the arm's log, no table
+    r, _ = fake_reproduce(tmp_path / "fail_aug", "fashion_mnist", 1, ARMS="parallel", FAIL_OUT="ct_aug")
+    run = tmp_path / "fail_aug" / "run"
+    assert r.returncode == 1 and "error: MAE-CT_aug's arm failed" in r.stderr and "ct_aug" in r.stderr
+    assert (run / "eval_ct" / "results.json").exists() and not (run / "table.md").exists()
+    # the MAE-CT arm fails while MAE-CT_aug's head is still training: that stage is stopped, not left running
+    t0 = time.monotonic()
+    r, _ = fake_reproduce(tmp_path / "fail_ct", "fashion_mnist", 1, ARMS="parallel", FAIL_OUT="ct", SLOW_OUT="head_aug")
+    run = tmp_path / "fail_ct" / "run"
+    assert r.returncode == 1 and time.monotonic() - t0 < 15 and not (run / "table.md").exists()
+    assert (run / "head_aug").is_dir() and not (run / "head_aug" / "DONE").exists()
+    if os.path.isdir("/proc"):
+        time.sleep(0.5)
+        assert not running(f"--out_dir {run / 'head_aug'}")
+    # refused where it does not fit, before anything is written: several GPUs (each arm uses them all), a typo
+    for ngpu, arms in ((2, "parallel"), (1, "paralel")):
+        r, calls = fake_reproduce(tmp_path / f"no{ngpu}", "fashion_mnist", ngpu, ARMS=arms)
+        assert r.returncode == 2 and r.stderr.startswith("error: ARMS=") and not (tmp_path / f"no{ngpu}" / "run").exists()
+
+
+def running(text):
+    """Whether a live process has `text` in its command line (Linux /proc)."""
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            if text in open(cmdline, "rb").read().replace(b"\0", b" ").decode(errors="replace"):
+                return True
+        except OSError:
+            pass  # the process ended meanwhile
+    return False
