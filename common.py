@@ -70,7 +70,8 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (fails if there is none)")
     g.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="seed; every random draw is a function of (seed, rank, step)")
+    g.add_argument("--seed", type=int, default=0, help="seed; every random draw is a function of (seed, rank, step). "
+                   "With --dataset synthetic it also picks the generated images: keep it across the stages")
     g.add_argument("--log_every", type=int, default=20, help="steps between progress lines")
     g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints (default: once per epoch)")
     g.add_argument("--eval_every", type=int, default=0, help="epochs between k-NN checks on the val split, logged to log.jsonl (0: none; evaluate.py does the full evaluation)")
@@ -122,9 +123,10 @@ def setup(args):
     if args.compile is None:
         args.compile = int(device.type == "cuda")
     torch.manual_seed(args.seed)  # model init: identical on every rank (DDP also broadcasts it)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # TF32 (GPU matmuls with ~10 mantissa bits) speeds up an fp32 run. Under bf16 autocast the only fp32 matmuls are
+    # those kept in fp32 on purpose: the queue lookup's and the loss's similarities, the metrics. TF32 would round
+    # their cosines at ~1e-3 and flip near-ties in the top-k, so it stays off there. (No effect on CPU.)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "fp32"
     return Proc(rank, world, device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
@@ -141,8 +143,9 @@ def compile_nnclr(model, mode="default"):
 
 
 def ddp(model, proc):
-    """Wrap in DistributedDataParallel when there are several processes. Buffers are synced once at start
-    (the queue and BN statistics then stay identical on every rank by construction), not at every forward."""
+    """Wrap in DistributedDataParallel when there are several processes. Buffers are never synced, neither at the
+    start nor at each forward: the queue and the BN statistics are identical on every rank by construction (the same
+    seed builds the model everywhere, and every rank enqueues the same gathered batch)."""
     if proc.world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -221,6 +224,16 @@ BETAS = (0.9, 0.95)  # AdamW's in every stage: the MAE authors' (stage 1), the M
 def adamw(groups, betas, device):
     """AdamW; fused on CUDA (one kernel for all parameters)."""
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=device.type == "cuda")
+
+
+def load_optimizer(opt, state):
+    """Resume AdamW's moments and step counts but keep this run's settings of each group (lr scale, weight decay):
+    torch's load_state_dict would restore the saved ones, so a --layer_decay, --head_blr or --weight_decay changed
+    at --resume would be silently ignored, while --blr and --epochs (the lr is set every step) would not."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, kept in zip(opt.param_groups, settings):
+        g.update(kept)
 
 
 @torch.no_grad()

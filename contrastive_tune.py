@@ -159,7 +159,7 @@ def main():
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["ct"])
         common.load_strict(model, ckpt["model"], ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
+        common.load_optimizer(opt, ckpt["optimizer"])
         if encoder_ema is not None:
             common.load_strict(encoder_ema, ckpt["encoder_ema"], ckpt_path + " (encoder_ema)")
         step = ckpt["step"]

@@ -82,7 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype for extraction (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per process (file-backed datasets only)")
-    g.add_argument("--seed", type=int, default=0, help="seed of k-means, the probe init and the pictures (low-shot splits are fixed)")
+    g.add_argument("--seed", type=int, default=0, help="seed of k-means, the probe init and the pictures (low-shot splits are fixed); with "
+                   "--dataset synthetic also of the generated images: give the training run's")
     return p.parse_args(argv)
 
 

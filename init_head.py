@@ -146,7 +146,7 @@ def main():
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["head"])
         common.load_strict(model, ckpt["model"], ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
+        common.load_optimizer(opt, ckpt["optimizer"])
         step = ckpt["step"]
         proc.print(f"resumed from {ckpt_path} at step {step}")
     common.print_config(proc, args, lr=lr, total_steps=total_steps, world=proc.world)

@@ -121,7 +121,7 @@ def main():
         common.load_strict(mae, ckpt["model"], ckpt_path)
         if joint:  # head and queue live under their own key, so the "model" entry stays a plain MAE
             common.load_strict(model, {**{"mae." + k: v for k, v in ckpt["model"].items()}, **ckpt["nnclr_head"]}, ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
+        common.load_optimizer(opt, ckpt["optimizer"])
         step = ckpt["step"]
         proc.print(f"resumed from {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())

@@ -469,6 +469,33 @@ def test_bad_input(chain, tmp_path):
     assert ct(chain, tmp_path / "ok", *SMALL_HEAD, "--pooling", "mean", "--max_steps", "1").returncode == 0  # the head's own
 
 
+def test_resume_keeps_this_runs_group_settings_and_the_saved_moments():
+    """A --layer_decay or --weight_decay changed at --resume takes effect (torch's load_state_dict alone would
+    restore the saved ones); AdamW's moments and step counts come from the checkpoint."""
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    old = common.adamw([dict(params=[w], weight_decay=0.05, lr_scale=0.65)], common.BETAS, torch.device("cpu"))
+    w.grad = torch.ones(3, 3)
+    common.set_lr(old, 1e-3)
+    old.step()
+    saved = old.state_dict()
+    new = common.adamw([dict(params=[w], weight_decay=0.1, lr_scale=0.8)], common.BETAS, torch.device("cpu"))
+    common.load_optimizer(new, saved)
+    assert (new.param_groups[0]["weight_decay"], new.param_groups[0]["lr_scale"]) == (0.1, 0.8)
+    assert torch.equal(new.state[w]["exp_avg"], old.state[w]["exp_avg"]) and int(new.state[w]["step"]) == 1
+
+
+@pytest.mark.parametrize("precision,tf32", [("bf16", False), ("fp32", True)])
+def test_tf32_only_speeds_up_fp32_runs(precision, tf32):
+    """Under bf16 autocast the fp32 matmuls are the similarities kept in fp32 on purpose: no TF32 rounding there."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        args = argparse.Namespace(device="cpu", batch_size=8, warmup_epochs=1, precision=precision, compile=0, seed=0)
+        common.setup(args)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_similarities_and_loss_stay_fp32_under_bf16_autocast():
     q = filled_queue(size=256, dim=32)
     z = F.normalize(torch.randn(16, 32), dim=1)
