@@ -15,9 +15,10 @@ For MAE-CT_aug the authors train this head on the BYOL colour views (--views aug
 
 The NN accuracy in the log (how often the looked-up neighbour has the query's label; monitoring only, labels are
 never used for training) should rise during the run. It also says whether stage 3 can help: the looked-up neighbour
-becomes stage 3's positive, so the method needs it to share the object often. Measured (RESULTS.md): 0.66-0.73 for
-ViT-T on Fashion-MNIST (one H200, 20 epochs in ~60 s), where MAE-CT clearly beats its MAE; 0.4-0.5 for ViT-nano on
-Fashion-MNIST on CPU, where it gains a little; 0.15-0.20 on the CIFAR-10 5k subset (chance 0.10), where it does not. Writes OUT_DIR/ckpt.pt (stage "head") and log.jsonl.
+becomes stage 3's positive, so the method needs it to share the object often. Measured (RESULTS.md; logged before
+session 13's fix, a little too low): 0.66-0.73 for ViT-T on Fashion-MNIST (one H200, 20 epochs in ~60 s), where MAE-CT
+clearly beats its MAE; 0.4-0.5 for ViT-nano on Fashion-MNIST on CPU, where it gains a little; on the CIFAR-10 5k
+subset 0.19 (fixed; chance 0.10), where it does not. Writes OUT_DIR/ckpt.pt (stage "head") and log.jsonl.
 """
 import argparse
 import os
