@@ -70,6 +70,7 @@ evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
 
 # ---- 1: the head's own embedding vs the frozen encoder's features (one stage-2 checkpoint) ----
 # The encoder's row is RUN/eval_mae's mean pooling: stage 2 leaves the encoder bit-identical and tunes the mean here.
+# (eval_mae is made with EVAL, these with --metrics METRICS: the same unless EVAL is set by hand.)
 for f in projector predictor; do evaluate "$A/f1_$f" "$RUN/head/ckpt.pt" --features $f "${pass[@]}"; done
 
 # ---- 2: top-k lookup strength from the same stage-2 head, and hand-made augmentation (MAE-CT_aug) ----
@@ -103,10 +104,15 @@ secs = lambda d: open(f"{d}/DONE").read().strip()
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
 out = [f"# Ablations: {run} (dataset {res(f'{run}/eval_mae')['dataset']}, seed {seed}, stage epochs {E1}/{E2}/{E3})", ""]
 
-out += ["## 1. NNCLR head on the frozen MAE encoder (stage-2 checkpoint): k-NN in each embedding", "",
+out += ["## 1. NNCLR head on the frozen MAE encoder: k-NN in each embedding (the encoder's from stage 1's evaluation, "
+        "the head's from the stage-2 checkpoint)", "",
         "| features | dim | k-NN@10 | k-NN@20 | linear |", "|---|---|---|---|---|"]
+mae = res(f"{run}/eval_mae")
+enc = mae.get("mean", mae if mae.get("pooling") == "mean" else None)  # both poolings, or the mean alone
+if enc is None:
+    sys.exit(f"error: {run}/eval_mae has no mean-pooling result (pooling {mae.get('pooling')}); delete it to redo it")
 for f in ("encoder", "projector", "predictor"):
-    r = res(f"{run}/eval_mae")["mean"] if f == "encoder" else res(f"{A}/f1_{f}")
+    r = enc if f == "encoder" else res(f"{A}/f1_{f}")
     out.append(f"| {f} | {r['feature_dim']} | {fmt(r.get('knn10'))} | {fmt(r.get('knn20'))} | {fmt(r.get('linear'))} |")
 
 out += ["", f"## 2. Contrastive tuning, {E3} epochs each, from the same head (the aug arm: from its own): "

@@ -123,10 +123,10 @@ def setup(args):
     if args.compile is None:
         args.compile = int(device.type == "cuda")
     torch.manual_seed(args.seed)  # model init: identical on every rank (DDP also broadcasts it)
-    # TF32 (GPU matmuls with ~10 mantissa bits) speeds up an fp32 run. Under bf16 autocast the only fp32 matmuls are
-    # those kept in fp32 on purpose: the queue lookup's and the loss's similarities, the metrics. TF32 would round
-    # their cosines at ~1e-3 and flip near-ties in the top-k, so it stays off there. (No effect on CPU.)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "fp32"
+    # No TF32 (GPU matmuls and convolutions with ~10 mantissa bits): bf16 autocast is the fast path, and the fp32
+    # left under it is fp32 on purpose (the queue lookup's and the loss's similarities, the metrics: TF32 would round
+    # their cosines at ~1e-3 and flip near-ties in the top-k); --precision fp32 is for exact numbers. (CPU: no effect.)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return Proc(rank, world, device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
@@ -230,7 +230,7 @@ def load_optimizer(opt, state):
     """Resume AdamW's moments and step counts but keep this run's settings of each group (lr scale, weight decay):
     torch's load_state_dict would restore the saved ones, so a --layer_decay, --head_blr or --weight_decay changed
     at --resume would be silently ignored, while --blr and --epochs (the lr is set every step) would not."""
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    settings = [{k: g[k] for k in ("lr_scale", "weight_decay") if k in g} for g in opt.param_groups]
     opt.load_state_dict(state)
     for g, kept in zip(opt.param_groups, settings):
         g.update(kept)

@@ -14,13 +14,13 @@
 # 40 (one seed). Next device session, with kind left out (session 12 got an H200 that way; an H100 has never been lent):
 #   call 1: SEED=4 ARMS=parallel OUT=$OUT bash gpu_check.sh 2>&1 | tee $OUT/main.log | tail -40   (timeout_s 595).
 #           ARMS=parallel (session 13, CPU-tested only) runs MAE-CT_aug's arm beside MAE-CT's: the chain's time
-#           against session 12's serial ~590 s is the measurement (stage 2, host-bound, should overlap well; the two
-#           stage 3s, as CUDA graphs, less so). Serial, it would be cut in MAE-CT_aug's evaluation, as in session 12.
+#           ("this call took" in OUT/fm.log) against session 12's serial ~590 s is the measurement, a rough one across
+#           leases (BENCHMARKS.md). Serial, it would be cut in MAE-CT_aug's evaluation, as in session 12.
 #   call 2, at once on the still-warm machine (it is given back after ~30 s idle; runs/fm_gpu is kept): the chain
 #           finished if call 1 was cut, and the 80-epoch stage 3 beside it, from the chain's head, paired with the
 #           recipe's 40 on a second seed (~140 s alone on an H200):
-#     SEED=4 KEEP=1 ARMS=parallel T5=190 FM_TORCH_LOGS= VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode
-#     reduce-overhead" OUT=$OUT bash gpu_check.sh   (timeout_s 205)
+#     SEED=4 KEEP=1 ARMS=parallel T5=190 FM_TORCH_LOGS= VARIANTS="e80|--crop_min 0.5 --epochs 80 --compile_mode reduce-overhead" OUT=$OUT bash gpu_check.sh
+#     (timeout_s 205)
 #   If call 1 was cut before runs/fm_gpu/ct_aug/DONE (a slower card, e.g. an H100), call 2 is the chain alone:
 #     SEED=4 KEEP=1 ARMS=parallel T5=190 FM_TORCH_LOGS= OUT=$OUT bash gpu_check.sh   (timeout_s 205; its output says
 #     which stages ran)
@@ -110,6 +110,7 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on 
   variants "$END"
   wait $CHAIN
   CHAIN=
+  cp runs/fm_gpu/arm_aug.log "$OUT/fm_arm_aug.log" 2>/dev/null  # ARMS=parallel: MAE-CT_aug's arm, also when cut
   tar czf "$OUT/fm_run.tar.gz" --exclude='*.pt' runs/fm_gpu 2>/dev/null
 }
 variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARIANTS="name|stage-3 flags[|stage-2

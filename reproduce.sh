@@ -25,10 +25,9 @@
 # folder, like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none
 # stops), GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1
 # only (the recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel
-# (one GPU or CPU: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the same device, its output in
-# RUN/arm_aug.log, and their stage seconds overlap; a ViT-T step in the default compile mode, as stage 2 runs, left
-# the GPU idle a third of the time (BENCHMARKS.md), so this may shorten the chain, which has not been measured on a
-# GPU yet; on 2 CPU cores it only splits them). All visible GPUs are used through torchrun.
+# (one GPU, meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the
+# same device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain is not
+# measured yet, BENCHMARKS.md; on CPU the arms share the cores). All visible GPUs are used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
 # (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=), and a
@@ -166,15 +165,22 @@ if [ "${AUG:-1}" = 0 ]; then
 elif [ "$ARMS" = serial ]; then
   ct_arm "$@"; aug_arm "$@"
 else  # ARMS=parallel: both arms need only stage 1, so MAE-CT_aug's runs beside MAE-CT's, its output in a log file
+  set -m  # its own process group (job control on for this one job), so that it can be stopped as a whole
   aug_arm "$@" > "$RUN/arm_aug.log" 2>&1 &
   aug_pid=$!
-  trap 'pkill -TERM -P "$aug_pid" 2>/dev/null; kill "$aug_pid" 2>/dev/null' EXIT  # this arm failed: stop the other
+  set +m
+  # If this script ends before that arm does (this arm failed, Ctrl-C, a time limit), the arm is stopped with it.
+  trap 'kill -TERM -- "-$aug_pid" 2>/dev/null || true' EXIT
   echo "== MAE-CT_aug's arm runs beside this one (ARMS=parallel): $RUN/arm_aug.log"
   ct_arm "$@"
-  wait "$aug_pid" || { echo "error: MAE-CT_aug's arm failed; the end of $RUN/arm_aug.log:" >&2; tail -5 "$RUN/arm_aug.log" >&2; exit 1; }
+  rc=0; wait "$aug_pid" || rc=$?
   trap - EXIT
+  if [ "$rc" != 0 ]; then  # its own exit code: 2 for a refused rerun, as in serial
+    echo "error: MAE-CT_aug's arm failed; the end of $RUN/arm_aug.log:" >&2; tail -5 "$RUN/arm_aug.log" >&2; exit "$rc"
+  fi
   cat "$RUN/arm_aug.log"
 fi
+echo "== this call took $SECONDS s ($name, ARMS=$ARMS)"
 
 python - "$RUN" <<'EOF'
 import json, os, sys

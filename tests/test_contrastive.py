@@ -484,14 +484,16 @@ def test_resume_keeps_this_runs_group_settings_and_the_saved_moments():
     assert torch.equal(new.state[w]["exp_avg"], old.state[w]["exp_avg"]) and int(new.state[w]["step"]) == 1
 
 
-@pytest.mark.parametrize("precision,tf32", [("bf16", False), ("fp32", True)])
-def test_tf32_only_speeds_up_fp32_runs(precision, tf32):
-    """Under bf16 autocast the fp32 matmuls are the similarities kept in fp32 on purpose: no TF32 rounding there."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_no_tf32(precision):
+    """Under bf16 autocast the fp32 matmuls are the similarities kept in fp32 on purpose, and --precision fp32 asks
+    for exact numbers: TF32 rounding in neither (torch's cuDNN default would allow it in convolutions)."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         args = argparse.Namespace(device="cpu", batch_size=8, warmup_epochs=1, precision=precision, compile=0, seed=0)
         common.setup(args)
-        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 

@@ -116,7 +116,7 @@ def test_the_next_sessions_calls_a_seed_4_chain_then_80_tuning_epochs_beside_its
     calls, _, _ = run_gpu_check(tmp_path, SEED="4", ARMS="parallel")
     assert {flag(c, "--seed") for c in calls} == {"4"}
     assert {flag(c, "--data_path") for c in calls} == {".devdata/fm"}  # the evaluations' too (eval_flags.sh)
-    assert (tmp_path / "repo" / "runs" / "fm_gpu" / "arm_aug.log").exists()
+    assert (tmp_path / "out" / "fm_arm_aug.log").exists() and "this call took" in (tmp_path / "out" / "fm.log").read_text()
     (tmp_path / "repo" / "runs" / "fm_gpu" / "eval_ct_aug" / "results.json").unlink()
     # call 2: the chain finished (that evaluation only) and the 80-epoch stage 3 from the chain's head, evaluated
     calls, out, _ = run_gpu_check(tmp_path, SEED="4", KEEP="1", ARMS="parallel", T5="190", FM_TORCH_LOGS="",

@@ -242,15 +242,21 @@ def test_parallel_arms_run_the_same_stages_and_a_failed_arm_stops_the_chain(tmp_
     run = tmp_path / "fail_aug" / "run"
     assert r.returncode == 1 and "error: MAE-CT_aug's arm failed" in r.stderr and "ct_aug" in r.stderr
     assert (run / "eval_ct" / "results.json").exists() and not (run / "table.md").exists()
-    # the MAE-CT arm fails while MAE-CT_aug's head is still training: that stage is stopped, not left running
-    t0 = time.monotonic()
-    r, _ = fake_reproduce(tmp_path / "fail_ct", "fashion_mnist", 1, ARMS="parallel", FAIL_OUT="ct", SLOW_OUT="head_aug")
-    run = tmp_path / "fail_ct" / "run"
-    assert r.returncode == 1 and time.monotonic() - t0 < 15 and not (run / "table.md").exists()
-    assert (run / "head_aug").is_dir() and not (run / "head_aug" / "DONE").exists()
-    if os.path.isdir("/proc"):
-        time.sleep(0.5)
-        assert not running(f"--out_dir {run / 'head_aug'}")
+    # the MAE-CT arm fails, late (stage 3) or at once (the MAE's evaluation), while MAE-CT_aug's head is training or
+    # about to: that arm is stopped with the chain, never left running (its head has no DONE, now or later)
+    for fail in ("ct", "eval_mae", "eval_mae"):
+        t0 = time.monotonic()
+        r, _ = fake_reproduce(tmp_path / f"fail_{fail}", "fashion_mnist", 1, ARMS="parallel", FAIL_OUT=fail,
+                              SLOW_OUT="head_aug")
+        run = tmp_path / f"fail_{fail}" / "run"
+        assert r.returncode == 1 and time.monotonic() - t0 < 15 and not (run / "table.md").exists()
+        if os.path.isdir("/proc"):
+            time.sleep(0.5)
+            assert not running(f"--out_dir {run / 'head_aug'}") and not (run / "head_aug" / "DONE").exists()
+        shutil.rmtree(tmp_path / f"fail_{fail}")
+    # a rerun with other stage-2 settings is refused with exit code 2, as in serial, whichever arm meets it first
+    r, _ = fake_reproduce(tmp_path / "par", "fashion_mnist", 1, ARMS="parallel", E2="5")
+    assert r.returncode == 2 and "was made with other settings" in r.stderr
     # refused where it does not fit, before anything is written: several GPUs (each arm uses them all), a typo
     for ngpu, arms in ((2, "parallel"), (1, "paralel")):
         r, calls = fake_reproduce(tmp_path / f"no{ngpu}", "fashion_mnist", ngpu, ARMS=arms)
