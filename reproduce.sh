@@ -27,7 +27,8 @@
 # only (the recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel
 # (one GPU, meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the
 # same device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain is not
-# measured yet, BENCHMARKS.md; on CPU the arms share the cores). All visible GPUs are used through torchrun.
+# measured yet, BENCHMARKS.md; on CPU each arm gets half the cores unless OMP_NUM_THREADS is set). All visible GPUs are
+# used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
 # (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=), and a
@@ -165,6 +166,9 @@ if [ "${AUG:-1}" = 0 ]; then
 elif [ "$ARMS" = serial ]; then
   ct_arm "$@"; aug_arm "$@"
 else  # ARMS=parallel: both arms need only stage 1, so MAE-CT_aug's runs beside MAE-CT's, its output in a log file
+  if [ "$ngpu" = 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then  # CPU: each arm gets half the cores, not all of them
+    OMP_NUM_THREADS=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 )); export OMP_NUM_THREADS
+  fi
   set -m  # its own process group (job control on for this one job), so that it can be stopped as a whole
   aug_arm "$@" > "$RUN/arm_aug.log" 2>&1 &
   aug_pid=$!

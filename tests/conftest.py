@@ -70,7 +70,7 @@ def run_in_process(monkeypatch, capsys, script, *args):
 # flags are checked in seconds. `python -c/-/-m` run for real, except the GPU count, which is $NGPU when set, and
 # gpu_check.sh's torch/torchvision version line.
 # A command with --fail_here, or of the script $FAIL_SCRIPT, or whose --out_dir ends in /$FAIL_OUT, fails; one whose
-# --out_dir ends in /$SLOW_OUT takes 20 s.
+# --out_dir ends in /$SLOW_OUT takes 20 s. Each call leaves its OMP_NUM_THREADS in its out_dir/threads.
 FAKE_PYTHON = """#!/bin/bash
 if [ "$1" = -c ] && [ -n "${{NGPU:-}}" ] && [[ "$2" == *device_count* ]]; then echo "$NGPU"; exit 0; fi
 if [ "$1" = -c ] && [[ "$2" == *__version__* ]]; then echo "torch (fake python)"; exit 0; fi
@@ -82,6 +82,7 @@ case "$1 $*" in *"--fail_here"*|"${{FAIL_SCRIPT:-none}} "*) exit 1;; esac
 case "$out" in *"/${{FAIL_OUT:-//}}") exit 1;; esac
 case "$out" in *"/${{SLOW_OUT:-//}}") sleep 20;; esac
 mkdir -p "$out" && touch "$out/ckpt.pt" && echo '{{"pooling": "mean", "knn10": 1.0}}' > "$out/results.json"
+echo "${{OMP_NUM_THREADS:-}}" > "$out/threads"
 """
 STAGE_SCRIPTS = ("pretrain_mae.py", "init_head.py", "contrastive_tune.py", "evaluate.py")
 

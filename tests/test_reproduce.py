@@ -254,6 +254,13 @@ def test_parallel_arms_run_the_same_stages_and_a_failed_arm_stops_the_chain(tmp_
             time.sleep(0.5)
             assert not running(f"--out_dir {run / 'head_aug'}") and not (run / "head_aug" / "DONE").exists()
         shutil.rmtree(tmp_path / f"fail_{fail}")
+    # on CPU each arm gets half the cores (stage 1 all of them), unless OMP_NUM_THREADS says otherwise
+    for given, want in ((None, str(max(1, len(os.sched_getaffinity(0)) // 2))), ("1", "1")):  # nproc's count
+        omp = {"OMP_NUM_THREADS": given} if given else {}
+        fake_reproduce(tmp_path / f"cpu{given}", "cifar10_5k", 0, ARMS="parallel", **omp)
+        run = tmp_path / f"cpu{given}" / "run"
+        threads = {d: (run / d / "threads").read_text().strip() for d in ("mae", "head", "ct", "head_aug", "ct_aug")}
+        assert threads == {"mae": given or "", **{d: want for d in ("head", "ct", "head_aug", "ct_aug")}}
     # a rerun with other stage-2 settings is refused with exit code 2, as in serial, whichever arm meets it first
     r, _ = fake_reproduce(tmp_path / "par", "fashion_mnist", 1, ARMS="parallel", E2="5")
     assert r.returncode == 2 and "was made with other settings" in r.stderr
