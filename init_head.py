@@ -63,17 +63,17 @@ def add_head_args(p, stage3=False):
                                                        "--topk, --head_blr, --epochs, --temperature)" if stage3
                                                        else "; stage 3 keeps this checkpoint's"))
     g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
+    if stage3:
+        measured = ("1.51x the images/s of ViT-T on 28 px in this script (BENCHMARKS.md), whose step is bound by the "
+                    "host; reproduce.sh's ViT-T recipes use it on one GPU. The top-k draws come from another random "
+                    "stream than in the default mode, so resume a run in the mode it started in")
+    else:
+        measured = ("not yet measured on a GPU for this stage (stage 3 gained 1.51x, BENCHMARKS.md), so no recipe "
+                    "uses it here. The lookup is exact (top-1): both modes train alike")
     g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
                    help="default: the encoder and the head are compiled, the lookup and the loss run eagerly. "
-                        "reduce-overhead: the whole forward (encoder, head, " + ("target projector, " if stage3 else "")
-                        + "lookup, loss) compiled "
-                        "as one graph and replayed as CUDA graphs; with --compile 1 (the default on CUDA), one process "
-                        "only. " + ("1.51x the images/s of ViT-T on 28 px in this script (BENCHMARKS.md), whose step "
-                                    "is bound by the host; reproduce.sh's ViT-T recipes use it on one GPU. The top-k "
-                                    "draws come from another random stream than in the default mode, so resume a run "
-                                    "in the mode it started in" if stage3 else
-                                    "Not yet measured on a GPU for this stage (stage 3 gained 1.51x, BENCHMARKS.md), "
-                                    "so no recipe uses it here. The lookup is exact (top-1): both modes train alike"))
+                        "reduce-overhead: the whole forward (encoder, head, lookup, loss) compiled as one graph and "
+                        "replayed as CUDA graphs; with --compile 1 (the default on CUDA), one process only; " + measured)
     return p
 
 
