@@ -55,9 +55,10 @@ SEED=${SEED:-0}
 # 0-3); MAE-CT tuned from it beat both MAE features on k-NN@10 in every seed (+1.5 to +4.2 over the CLS token), and
 # MAE-CT tuned from the mean beat the mean in every seed but the CLS token in one of four (RESULTS.md).
 # cifar10_5k tunes for 100 epochs, not the paper's 20 (session 14): 20 epochs of 4000 images are 300 steps, over which
-# the loss barely moves. From the same stage-1 MAEs, seeds 0-2, 100 epochs gave MAE-CT_aug k-NN@10 / k-means ACC over its MAE
-# of +2.1 / +2.0 (20 epochs: +1.7 / +1.3) and MAE-CT +1.1 / -0.7 (20 epochs: -0.1 / -0.3); seed 3, held out, +3.6 /
-# +2.3 and +0.6 / -0.5. Stage 3 then costs more than this recipe's short stage 1 (RESULTS.md); E3=20 is the paper's.
+# the loss barely moves. From the same stage-1 MAEs, seeds 0-2, 100 epochs gave MAE-CT_aug k-NN@10 / k-means ACC over
+# its MAE of +2.1 / +2.0 (20 epochs: +1.7 / +1.3) and MAE-CT +1.1 / -0.7 (20 epochs: -0.1 / -0.3); seed 3, held out,
+# +3.6 / +2.3 and +0.6 / -0.5. Stage 3 then costs more than this recipe's short stage 1 (RESULTS.md); E3=20 is the
+# paper's.
 graphs=0; pool=; mae_extra=; ct_extra=; e3aug=  # set by the recipe only, never taken from the environment
 case $name in
   smoke)         data="--dataset synthetic"; model=vit_nano; e=(30 10 10); bs=(256 256 256)
