@@ -3,8 +3,8 @@
 # then MAE vs MAE-CT side by side (also written to RUN/table.md).
 #
 #   bash reproduce.sh smoke                       # generated tiled shapes, vit_nano, CPU: the whole chain in minutes
-#   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset: 24 min on 2
-#                                                  # idle cores with ARMS=parallel (session 14)
+#   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset: ~26 min on 2
+#                                                  # idle cores, 24 with ARMS=parallel (session 14)
 #   bash reproduce.sh fashion_mnist                # ViT-T/4 on 28 px, one GPU
 #   bash reproduce.sh cifar10 --data_path data/    # ViT-T/4 on 32 px; cifar100 likewise
 #   bash reproduce.sh imagenet100 --data_path /data/imagenet100   # ViT-B/16, 224 px, all visible GPUs
@@ -27,8 +27,9 @@
 # stops), GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1
 # only (the recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel
 # (one GPU, meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the
-# same device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain is not
-# measured yet, BENCHMARKS.md; on CPU each arm gets half the cores unless OMP_NUM_THREADS is set). All visible GPUs are
+# same device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain on a GPU
+# is not measured yet, BENCHMARKS.md; on CPU each arm gets half the cores unless OMP_NUM_THREADS is set, and 2 cores
+# ran the smoke and cifar10_5k chains in 13% and ~7% less time). All visible GPUs are
 # used through torchrun.
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
