@@ -4,7 +4,8 @@
 #
 #   bash reproduce.sh smoke                       # generated tiled shapes, vit_nano, CPU: the whole chain in minutes
 #   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset: ~26 min on 2
-#                                                  # idle cores, 24 with ARMS=parallel (session 14)
+#                                                  # idle cores, 24 with ARMS=parallel (session 14); 48 with
+#                                                  # ARMS=parallel on a 2x slower 2-core machine (session 15)
 #   bash reproduce.sh fashion_mnist                # ViT-T/4 on 28 px, one GPU
 #   bash reproduce.sh cifar10 --data_path data/    # ViT-T/4 on 32 px; cifar100 likewise
 #   bash reproduce.sh imagenet100 --data_path /data/imagenet100   # ViT-B/16, 224 px, all visible GPUs
