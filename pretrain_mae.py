@@ -26,7 +26,6 @@ import argparse
 import os
 
 import torch
-from torchvision.utils import save_image
 
 import common
 import data
@@ -201,6 +200,7 @@ def save(proc, args, raw, opt, step, epoch, cfg, path):
 @torch.no_grad()
 def save_reconstructions(model, val, args, proc, path, n=8):
     """A grid of rows: val image | masked input | reconstruction with the visible patches pasted back."""
+    from torchvision.utils import save_image  # here, not at the top: a 3-second import on a slow CPU, for a picture
     model.eval()
     loader = data.ViewLoader(val, n, "eval", 1, args.img_size, proc.device, shuffle=False, drop_last=False, num_workers=0)
     imgs = next(iter(loader))[1][0]  # (n, C, H, W), normalised

@@ -31,7 +31,7 @@
 # same device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain on a GPU
 # is not measured yet, BENCHMARKS.md; on CPU each arm gets half the cores unless OMP_NUM_THREADS is set, and 2 cores
 # ran the smoke and cifar10_5k chains in 13% and ~7% less time). All visible GPUs are
-# used through torchrun.
+# used through torchrun; with --device cpu, none (each stage one CPU process, whatever GPUs are visible).
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
 # (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=), and a
@@ -90,7 +90,11 @@ eval_flags "$@"  # pass: the extra flags evaluate.py takes too
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}; E3_AUG=${E3_AUG:-${e3aug:-$E3}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
-ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+ngpu=  # the GPUs the stages run on: none with --device cpu (then without a torch import to count them)
+for ((i = 0; i < ${#pass[@]}; i++)); do
+  if [ "${pass[i]}" = --device=cpu ] || { [ "${pass[i]}" = --device ] && [ "${pass[i + 1]}" = cpu ]; }; then ngpu=0; fi
+done
+ngpu=${ngpu:-$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)}
 GRAPHS=${GRAPHS:-all}
 case $GRAPHS in all|mae|none) ;; *) echo "error: GRAPHS='$GRAPHS' (all, mae or none)" >&2; exit 2 ;; esac
 ARMS=${ARMS:-serial}

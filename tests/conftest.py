@@ -51,18 +51,39 @@ def needs_torchrun():
 
 
 
-def run_in_process(monkeypatch, capsys, script, *args):
-    """Run a stage script as `python script args` would, but in this process (no 5-second torch import per
-    case): returns (exit code, stdout, stderr)."""
+def run_in_process(script, *args, env=None):
+    """Run `python script args` in this process, as run_script would in a subprocess (in the repo root, one
+    intra-op thread: CPU reductions may depend on it), but without the 4-second torch import a subprocess pays on
+    a slow 2-core machine. Returns (exit code, stdout, stderr); sys.argv, the working directory, the environment
+    and the thread count are restored after."""
+    import contextlib
+    import io
     import runpy
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    code = 0
+    import torch
+    saved = sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads()
+    out, err, code = io.StringIO(), io.StringIO(), 0
     try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+        sys.argv = [str(script), *map(str, args)]
+        os.chdir(REPO)
+        os.environ.update({"OMP_NUM_THREADS": "1", **(env or {})})
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+            except SystemExit as e:
+                code = e.code or 0
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        os.environ.clear()
+        os.environ.update(saved[2])
+        torch.set_num_threads(saved[3])
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_here(script, *args, env=None):
+    """run_in_process as a CompletedProcess: a drop-in for run_script in tests that run several short stages."""
+    return subprocess.CompletedProcess([str(script), *map(str, args)], *run_in_process(script, *args, env=env))
 
 
 # A stand-in `python` (and `torchrun`) for the tests of the shell scripts that run the stages (reproduce.sh,
@@ -142,3 +163,10 @@ def assert_same_state(ca, cb, parts=("model",)):
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes with torchrun (gloo, CPU)")
     config.addinivalue_line("markers", "slow: runs a stage script for a few seconds or more")
+    config.addinivalue_line("markers", "chain: runs reproduce.sh or ablations.sh for real (the longest tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The chain tests first (a stable sort): under -n auto they then run beside the short ones, not alone at the
+    end, where one of them would be the suite's last minute or two."""
+    items.sort(key=lambda item: item.get_closest_marker("chain") is None)

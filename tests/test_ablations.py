@@ -3,14 +3,12 @@
 
 import json
 import os
-import runpy
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, assert_same_state, load_ckpt, ok, run_script
+from conftest import REPO, assert_same_state, load_ckpt, ok, run_here, run_script
 from model import JointMAE, MaskedAutoencoder, model_config
 
 SYNTH = ["--dataset", "synthetic", "--model", "vit_nano", "--device", "cpu", "--batch_size", "32", "--pictures", "0",
@@ -52,9 +50,10 @@ def test_joint_model_shapes_and_gradients():
 @pytest.mark.slow
 def test_nnclr_weight_zero_is_plain_mae_bit_for_bit(tmp_path, monkeypatch):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", a))
-    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--nnclr_weight", "0", *HEAD, "--out_dir", b))
-    # c: in this process, with every piece of the NNCLR code made to fail if it is built or called
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", a))
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--nnclr_weight", "0", *HEAD, "--out_dir", b))
+    # c: the same run with every piece of the NNCLR code made to fail if it is built or called (all three run in
+    # this process, conftest.run_here)
     import init_head
     import model
 
@@ -63,15 +62,7 @@ def test_nnclr_weight_zero_is_plain_mae_bit_for_bit(tmp_path, monkeypatch):
     for mod, name in [(model, "JointMAE"), (model, "NNCLRHead"), (model, "NNQueue"), (init_head, "check_queue"),
                       (init_head, "nn_accuracy")]:
         monkeypatch.setattr(mod, name, boom)
-    monkeypatch.setattr(sys, "argv", ["pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", str(c)])
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(REPO)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): CPU reductions may depend on it
-    try:
-        runpy.run_path(str(REPO / "pretrain_mae.py"), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", c))
     ca, cb, cc = (load_ckpt(p / "ckpt.pt") for p in (a, b, c))
     for ck in (ca, cb, cc):
         assert set(ck) == PLAIN_KEYS and ck["stage"] == "mae" and ck["args"]["num_views"] == 1
@@ -105,7 +96,7 @@ def test_nnclr_weight_zero_equals_the_code_before_the_flag(tmp_path):
 @pytest.mark.slow
 def test_joint_run_logs_both_losses_resumes_and_feeds_init_head(tmp_path):
     j = tmp_path / "joint"
-    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--out_dir", j))
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--out_dir", j))
     recs = [r for r in _log(j / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:  # the total is the weighted sum of the two parts that are logged
@@ -117,55 +108,94 @@ def test_joint_run_logs_both_losses_resumes_and_feeds_init_head(tmp_path):
     assert (ck["nnclr_head"]["queue.indices"] >= 0).all()  # 4 steps x 32 images filled the 64 slots twice
     # resume: 2 + 2 steps equal 4 steps, the head and queue included
     r2 = tmp_path / "resumed"
-    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--nnclr_weight", "0.5", *HEAD, "--out_dir", r2))
-    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--resume", "--out_dir", r2))
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--nnclr_weight", "0.5", *HEAD, "--out_dir", r2))
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "4", "--nnclr_weight", "0.5", *HEAD, "--resume", "--out_dir", r2))
     ck2 = load_ckpt(r2 / "ckpt.pt")
     assert_same_state(ck, ck2)
     for k in ck["nnclr_head"]:
         assert torch.equal(ck["nnclr_head"][k], ck2["nnclr_head"][k]), k
     # resuming with the other setting is refused, not silently half-loaded
-    bad = run_script("pretrain_mae.py", *SYNTH, "--max_steps", "5", "--resume", "--out_dir", r2)
+    bad = run_here("pretrain_mae.py", *SYNTH, "--max_steps", "5", "--resume", "--out_dir", r2)
     assert bad.returncode != 0 and "nnclr_weight" in bad.stderr and "Traceback" not in bad.stderr
     # the joint checkpoint starts stage 2 like any stage-1 checkpoint (strict encoder loading)
-    ok(run_script("init_head.py", "--init_from", j / "ckpt.pt", "--dataset", "synthetic", "--device", "cpu",
+    ok(run_here("init_head.py", "--init_from", j / "ckpt.pt", "--dataset", "synthetic", "--device", "cpu",
                    "--batch_size", "32", "--max_steps", "2", *HEAD, "--out_dir", tmp_path / "head"))
     assert load_ckpt(tmp_path / "head" / "ckpt.pt")["stage"] == "head"
 
 
 @pytest.mark.slow
-def test_evaluate_projector_and_predictor_features(tmp_path):
-    ok(run_script("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path / "mae"))
-    ok(run_script("init_head.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--dataset", "synthetic", "--device",
+def test_evaluate_projector_and_predictor_features(tmp_path, monkeypatch):
+    import data
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", dict(train=1000, val=300))  # smaller generated sets: a faster test
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path / "mae"))
+    ok(run_here("init_head.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--dataset", "synthetic", "--device",
                    "cpu", "--batch_size", "32", "--max_steps", "3", *HEAD, "--out_dir", tmp_path / "head"))
     for feats, dim in [("encoder", 64), ("projector", 16), ("predictor", 16)]:
         out = tmp_path / f"eval_{feats}"
-        ok(run_script("evaluate.py", "--init_from", tmp_path / "head" / "ckpt.pt", "--device", "cpu", "--metrics",
+        ok(run_here("evaluate.py", "--init_from", tmp_path / "head" / "ckpt.pt", "--device", "cpu", "--metrics",
                        "knn", "--features", feats, "--out_dir", out))
         res = json.loads((out / "results.json").read_text())
         assert res["features"] == feats and res["feature_dim"] == dim and res["stage"] == "head"
         assert 0 <= res["knn10"] <= 100
     # a stage-1 checkpoint has no head: refused with a message
-    r = run_script("evaluate.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--device", "cpu", "--features",
+    r = run_here("evaluate.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--device", "cpu", "--features",
                    "projector", "--out_dir", tmp_path / "x")
     assert r.returncode != 0 and "stage-2/3" in r.stderr
 
 
 @pytest.mark.slow
-def test_ablations_sh_smoke_end_to_end(tmp_path):
+@pytest.mark.chain
+def test_ablations_sh_and_reproduce_sh_smoke_end_to_end(tmp_path):
+    """ablations.sh runs reproduce.sh's whole smoke chain (stage 1, both arms, three evaluations), then its own arms:
+    one real run checks both scripts, and a rerun of reproduce.sh continues rather than starting over. (The recipe's
+    own pooling, the CLS token, is run for real from a given MAE in tests/test_reproduce.py.)"""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN": str(run), "STEPS": "1", "TOPKS": "1 5", "LAMBDAS": "1",
-           "METRICS": "knn"}
-    # --compile 0: a training-only flag, which evaluate.py does not take, must reach the training runs only
-    r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu", "--compile", "0"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600, env=env)
-    ok(r)
+    env = {k: v for k, v in os.environ.items() if k not in {"POOLING", "AUG", "SEED", "E1", "E2", "E3", "E3_AUG"}}
+    env.update(OMP_NUM_THREADS="1", RUN=str(run), STEPS="1", TOPKS="1 5", LAMBDAS="1", METRICS="knn",
+               EVAL="--metrics knn,kmeans --kmeans_seeds 2")  # EVAL: reproduce.sh's evaluations, METRICS: the arms'
+    # --compile 0, a training-only flag that evaluate.py does not take, reaches the training runs only;
+    # --num_workers=0 (both take it) reaches the evaluations too
+    flags = ["smoke", "--device", "cpu", "--compile", "0", "--num_workers=0"]
+    r = ok(subprocess.run(["bash", "ablations.sh", *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=env))
+    # reproduce.sh's part: five stages, three evaluations, its table (MAE-CT_aug with its own colour-view head)
+    for stage in ("mae", "head", "ct", "head_aug", "ct_aug"):
+        assert (run / stage / "ckpt.pt").exists() and (run / stage / "DONE").exists()
+    first_eval = r.stdout.split("== evaluate.py", 1)[1].split("\n== ", 1)[0]  # its output up to the next stage
+    assert '"num_workers": 0' in first_eval
+    for d in ("eval_mae", "eval_ct", "eval_ct_aug"):
+        res = json.loads((run / d / "results.json").read_text())
+        assert 0 <= res["knn10"] <= 100 and res["kmeans_acc_mean"] is not None
+    mae = json.loads((run / "eval_mae" / "results.json").read_text())
+    rows = (run / "table.md").read_text().splitlines()
+    row = lambda name: next(line for line in rows if line.startswith(f"| {name} |")).split("|")[2].strip()
+    assert rows[0].startswith(f"{run}: pooling mean") and rows[4].startswith("| MAE |")  # ablations.sh's pooling
+    assert row("MAE") == f"{mae['mean']['knn10']:.1f}" and row("MAE (CLS token)") == f"{mae['cls']['knn10']:.1f}"
+    assert row("MAE-CT") == f"{json.loads((run / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
+    assert row("MAE-CT_aug") == f"{json.loads((run / 'eval_ct_aug' / 'results.json').read_text())['knn10']:.1f}"
+    ha, hb = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("head", "head_aug"))
+    assert (ha["views"], hb["views"]) == ("minimal", "aug") and {k for k in ha if ha[k] != hb[k]} == {"views", "out_dir"}
+    a, b = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("ct", "ct_aug"))  # stage 3 takes the views from the head
+    assert (a["init_from"], b["init_from"]) == (str(run / "head" / "ckpt.pt"), str(run / "head_aug" / "ckpt.pt"))
+    assert (a["views"], b["views"], a["head_blr"], b["head_blr"]) == ("minimal", "aug", 1e-4, 5e-4)
+    assert {k for k in a if a[k] != b[k]} == {"init_from", "views", "head_blr", "out_dir"}
+    # reproduce.sh rerun as ablations.sh called it: every stage and evaluation is skipped, the table printed again
+    rerun = dict(env, POOLING="mean", AUG="1", E1="10", E2="5", E3="5", E3_AUG="5")  # ablations.sh's smoke epochs
+    r2 = ok(subprocess.run(["bash", "reproduce.sh", *flags], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env=rerun))
+    assert r2.stdout.count("skipped") == 8 and "pretrain_mae.py ->" not in r2.stdout and "| MAE-CT_aug |" in r2.stdout
+    # a rerun with other stage-3 settings stops at stage 3 instead of reporting the old run under the new recipe
+    r3 = subprocess.run(["bash", "reproduce.sh", *flags], cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env=dict(rerun, E3="2"))
+    assert r3.returncode == 2 and r3.stderr.strip().splitlines()[-1].startswith(f"error: {run / 'ct'} was made with other settings")
+    assert "contrastive_tune.py ->" not in r3.stdout and r3.stdout.count("skipped") == 3
+    # ablations.sh's part: its three tables
     table = (run / "ablations.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3."):
         assert heading in table
     assert "| projector | 128 |" in table and "| top-1, crop+flip |" in table and "| joint, lambda = 1 |" in table
     # table 1's encoder row is stage 1's evaluation (mean pooling): stage 2 leaves the encoder as it was
-    mae_mean = json.loads((run / "eval_mae" / "results.json").read_text())["mean"]
-    assert f"| encoder | 64 | {mae_mean['knn10']:.1f} | {mae_mean['knn20']:.1f} |" in table
+    assert f"| encoder | 64 | {mae['mean']['knn10']:.1f} | {mae['mean']['knn20']:.1f} |" in table
     assert not (run / "abl" / "f1_encoder").exists() and (run / "abl" / "f1_predictor" / "results.json").exists()
     assert (run / "abl" / "ct_k5").resolve() == (run / "ct").resolve()  # reproduce.sh's stage 3 is reused
     assert (run / "abl" / "ct_aug").resolve() == (run / "ct_aug").resolve()  # and its MAE-CT_aug

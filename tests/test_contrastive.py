@@ -1,9 +1,6 @@
 """Stages 2 and 3: the queue lookup, the NNCLR loss, DDP equivalence, freezing, layer decay, EMA, resume, bad input."""
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +9,17 @@ import torch.nn.functional as F
 
 import common
 from model import MAECT, MaskedAutoencoder, NNQueue, init_weights, model_config, nnclr_loss
-from tests.conftest import run_in_process, run_torchrun
+from tests.conftest import run_here, run_in_process, run_script, run_torchrun
 from tests.nnclr_case import HEAD, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_HEAD = ["--proj_hidden", "32", "--proj_dim", "16", "--pred_hidden", "32"]
 
 
-def run(script, *args, timeout=180):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run(script, *args, env=None):
+    """`python script args` as a CompletedProcess, run in this process (conftest.run_here): these tests start
+    dozens of short stage runs, and a subprocess each would pay a 4-second torch import on a slow 2-core machine."""
+    return run_here(script, *args, env=env)
 
 
 # ---------------------------------------------------------------- queue
@@ -228,7 +226,7 @@ def ct(chain, out, *extra):
 
 
 @pytest.mark.parametrize("script", ["init_head.py", "contrastive_tune.py"])
-def test_crop_min_reaches_the_views(chain, tmp_path, monkeypatch, capsys, script):
+def test_crop_min_reaches_the_views(chain, tmp_path, monkeypatch, script):
     """--crop_min becomes the views' crop scale (crop_min, 1) in stages 2 and 3."""
     import data
     seen = []
@@ -241,7 +239,7 @@ def test_crop_min_reaches_the_views(chain, tmp_path, monkeypatch, capsys, script
     monkeypatch.setattr(data, "ViewLoader", Spy)
     init = chain / "mae.pt" if script == "init_head.py" else chain / "head" / "ckpt.pt"
     extra = SMALL_HEAD if script == "init_head.py" else ["--topk", "3"]
-    code, _, err = run_in_process(monkeypatch, capsys, script, "--init_from", init, "--dataset", "synthetic",
+    code, _, err = run_in_process(script, "--init_from", init, "--dataset", "synthetic",
                                   "--epochs", "1", "--batch_size", "64", "--max_steps", "1", "--warmup_epochs", "0.1",
                                   "--out_dir", tmp_path / "o", "--device", "cpu", "--crop_min", "0.7", *extra)
     assert code == 0, err[-2000:]
@@ -292,7 +290,7 @@ def stage_args(chain, script):
 
 
 @pytest.mark.parametrize("script", ["init_head.py", "contrastive_tune.py"])
-def test_reduce_overhead_compiles_the_whole_forward_as_one_graph(chain, tmp_path, monkeypatch, capsys, script):
+def test_reduce_overhead_compiles_the_whole_forward_as_one_graph(chain, tmp_path, monkeypatch, script):
     """--compile_mode reduce-overhead compiles the MAECT forward as a whole (so the frozen encoder's output never
     leaves the graph), the default mode the encoder and the head, in stages 2 and 3. Spied in process, then one real
     compiled run on CPU against eager."""
@@ -304,7 +302,7 @@ def test_reduce_overhead_compiles_the_whole_forward_as_one_graph(chain, tmp_path
     for mode, expected in [("reduce-overhead", [("MAECT", "reduce-overhead")]),
                            ("default", [("VisionTransformer", "default"), ("NNCLRHead", "default")])]:
         compiled.clear()
-        code, _, err = run_in_process(monkeypatch, capsys, script, *common_args, "--compile_mode", mode,
+        code, _, err = run_in_process(script, *common_args, "--compile_mode", mode,
                                       "--out_dir", tmp_path / mode)
         assert code == 0 and compiled == expected, (mode, compiled, err[-2000:])
     monkeypatch.undo()
@@ -313,7 +311,7 @@ def test_reduce_overhead_compiles_the_whole_forward_as_one_graph(chain, tmp_path
     # float rounding
     runs = {}
     for name, flags in [("eager", ["--compile", "0"]), ("graph", ["--compile", "1", "--compile_mode", "reduce-overhead"])]:
-        r = run(script, *stage_args(chain, script), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
+        r = run_script(script, *stage_args(chain, script), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
                 "--device", "cpu", "--warmup_epochs", "0.1", "--max_steps", "3", "--log_every", "1",
                 *(["--topk", "1"] if script == "contrastive_tune.py" else []), *flags, "--out_dir", tmp_path / name)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -461,11 +459,11 @@ def test_bad_input(chain, tmp_path):
     assert_refused(ct(chain, out, "--pooling", "cls"), out, "--pooling cls differs from the stage-2 head")
     assert_refused(ct(chain, out, "--proj_dim", "64"), out, "--proj_dim 64 differs from the stage-2 head")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")
-    for script in ["init_head.py", "contrastive_tune.py"]:
-        two = subprocess.run([sys.executable, str(ROOT / script), *map(str, stage_args(chain, script)[:2]),
-                              "--compile_mode", "reduce-overhead", "--out_dir", str(out)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    for script in ["init_head.py", "contrastive_tune.py"]:  # as torchrun starts it: refused before any process group
+        two = run(script, *stage_args(chain, script)[:2], "--compile_mode", "reduce-overhead", "--out_dir", out,
+                  env={"WORLD_SIZE": "2"})
         assert_refused(two, out, "--compile_mode reduce-overhead is for one process")
+    assert not torch.distributed.is_initialized()
     assert ct(chain, tmp_path / "ok", *SMALL_HEAD, "--pooling", "mean", "--max_steps", "1").returncode == 0  # the head's own
 
 

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,21 +18,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from tests.conftest import run_torchrun  # noqa: E402
+from tests.conftest import run_here, run_torchrun  # noqa: E402
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import model  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k"
 CPU = common.Proc(0, 1, torch.device("cpu"), torch.float32)
-# One thread per subprocess: on a small shared CPU box, OpenMP threads spin-waiting for a busy core made these
-# runs 5x slower (measured); no test number depends on it.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The same in this process (restored afterwards for other test files)."""
+    """One thread in this process (restored afterwards for other test files): on a small shared CPU box, OpenMP
+    threads spin-waiting for a busy core made these runs 5x slower (measured); no test number depends on it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -225,16 +220,16 @@ def test_extract_features_two_processes(tmp_path):
 
 
 # ---- end to end ----
-# Synthetic runs use smaller generated sets (1000 train / 300 val instead of 5000 / 1000) so the file stays
-# fast: the same `python evaluate.py ...` command, started through a two-line wrapper that shrinks them first.
-SMALL_SYNTHETIC = ("import runpy, sys, data; data.SYNTHETIC_SIZES.update(train=1000, val=300); "
-                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
+# The same `python evaluate.py ...` command, run in this process (conftest.run_here: no 4-second torch import per
+# run). Synthetic runs use smaller generated sets (1000 train / 300 val instead of 5000 / 1000) so the file stays fast.
 def run_eval(*args, small=True):
-    cmd = [sys.executable, *(["-c", SMALL_SYNTHETIC] if small else []), str(ROOT / "evaluate.py"),
-           "--device", "cpu", "--num_workers", "0", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD)
+    sizes = dict(data.SYNTHETIC_SIZES)
+    if small:
+        data.SYNTHETIC_SIZES.update(train=1000, val=300)
+    try:
+        return run_here("evaluate.py", "--device", "cpu", "--num_workers", "0", *args)
+    finally:
+        data.SYNTHETIC_SIZES.update(sizes)
 
 
 def train_encoder_supervised(mae, epochs=2):

@@ -280,7 +280,7 @@ BAD = {  # case -> (file, the text of the error line)
 
 @pytest.mark.parametrize("case", list(BAD))
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_untrusted_checkpoint_is_refused(monkeypatch, capsys, files, tmp_path, script, case):
+def test_untrusted_checkpoint_is_refused(files, tmp_path, script, case):
     """One `error:` line, exit 2, no code run from the file, nothing written."""
     stage, extra, (wrong_stage, wrong_text) = SCRIPTS[script]
     name, text = BAD[case]
@@ -292,7 +292,7 @@ def test_untrusted_checkpoint_is_refused(monkeypatch, capsys, files, tmp_path, s
     else:
         path = files["dir"] / name
     out = tmp_path / "out"
-    code, _, err = run_in_process(monkeypatch, capsys, script, "--init_from", path, "--dataset", "synthetic",
+    code, _, err = run_in_process(script, "--init_from", path, "--dataset", "synthetic",
                                   "--device", "cpu", "--out_dir", out, *extra)
     assert not files["marker"].exists(), "unpickling ran code from the checkpoint"
     assert_one_error_line(code, err, text)
@@ -316,19 +316,19 @@ def make_folder(root, classes=("cat", "dog"), val_classes=None, modes=("RGB", "L
     return root
 
 
-def pretrain_folder(monkeypatch, capsys, root, out, *extra):
-    return run_in_process(monkeypatch, capsys, "pretrain_mae.py", "--dataset", "imagefolder", "--data_path", root,
+def pretrain_folder(root, out, *extra):
+    return run_in_process("pretrain_mae.py", "--dataset", "imagefolder", "--data_path", root,
                           "--img_size", "32", *SMALL, "--batch_size", "4", "--max_steps", "1", "--pictures", "0",
                           "--num_workers", "0", "--out_dir", out, *extra)
 
 
-def test_imagefolder_mixed_modes_converted_unreadable_skipped(monkeypatch, capsys, tmp_path):
+def test_imagefolder_mixed_modes_converted_unreadable_skipped(tmp_path):
     root = make_folder(tmp_path / "data")
     good = root / "train" / "cat" / "0.png"
     (root / "train" / "cat" / "truncated.png").write_bytes(good.read_bytes()[:60])
     (root / "train" / "dog" / "random.png").write_bytes(os.urandom(500))
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image"):
-        code, stdout, err = pretrain_folder(monkeypatch, capsys, root, tmp_path / "run")
+        code, stdout, err = pretrain_folder(root, tmp_path / "run")
     assert code == 0, err[-2000:]
     assert load_ckpt(tmp_path / "run" / "ckpt.pt")["step"] == 1
     with pytest.warns(UserWarning):
@@ -340,10 +340,10 @@ def test_imagefolder_mixed_modes_converted_unreadable_skipped(monkeypatch, capsy
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_imagefolder_file_backed_unreadable_stops_with_one_line(monkeypatch, capsys, tmp_path, workers):
+def test_imagefolder_file_backed_unreadable_stops_with_one_line(tmp_path, workers):
     root = make_folder(tmp_path / "data", modes=("RGB", "L"))
     (root / "train" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    code, _, err = pretrain_folder(monkeypatch, capsys, root, tmp_path / "run", "--data_on_gpu", "0",
+    code, _, err = pretrain_folder(root, tmp_path / "run", "--data_on_gpu", "0",
                                    "--num_workers", workers)  # the last --num_workers wins
     assert_one_error_line(code, err, "cannot read image")
     assert not (tmp_path / "run" / "ckpt.pt").exists()
@@ -355,7 +355,7 @@ def test_imagefolder_file_backed_unreadable_stops_with_one_line(monkeypatch, cap
     ("no_val", "has no val/ folder"),
     ("only_unreadable", "no readable images"),
 ])
-def test_imagefolder_bad_layout_stops_before_training(monkeypatch, capsys, tmp_path, fault, text):
+def test_imagefolder_bad_layout_stops_before_training(tmp_path, fault, text):
     root = make_folder(tmp_path / "data", val_classes=("cat", "dog", "bird") if fault == "val_class_not_in_train" else None)
     if fault == "empty_class":
         (root / "train" / "bird").mkdir()
@@ -366,7 +366,7 @@ def test_imagefolder_bad_layout_stops_before_training(monkeypatch, capsys, tmp_p
     elif fault == "only_unreadable":
         for p in (root / "train").rglob("*.png"):
             p.write_bytes(b"not a png")
-    code, _, err = pretrain_folder(monkeypatch, capsys, root, tmp_path / "run")
+    code, _, err = pretrain_folder(root, tmp_path / "run")
     assert_one_error_line(code, err, text)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
@@ -390,9 +390,9 @@ def two_steps(tmp_path_factory):
     ("1e30", 4, "non-finite loss at step 4"),  # finite but huge: step 3's update blows up, step 4's loss is inf
     ("inf", 3, "non-finite weights at step 3"),  # step 3's loss is finite, the update after it is not
 ], ids=["huge_lr_nan_loss", "inf_lr_nan_weights"])
-def test_nonfinite_stops_and_keeps_last_good_checkpoint(monkeypatch, capsys, two_steps, blr, steps, text):
+def test_nonfinite_stops_and_keeps_last_good_checkpoint(two_steps, blr, steps, text):
     before = _sha(two_steps / "ckpt.pt")
-    code, _, err = run_in_process(monkeypatch, capsys, "pretrain_mae.py", *SYNTH, "--max_steps", steps, "--save_every",
+    code, _, err = run_in_process("pretrain_mae.py", *SYNTH, "--max_steps", steps, "--save_every",
                                   "2" if steps == 4 else "1", "--blr", blr, "--resume", "--out_dir", two_steps)
     assert_one_error_line(code, err, text)
     assert "the last good checkpoint is" in err
@@ -465,9 +465,9 @@ def test_ranks_get_different_data_and_augmentation():
 
 
 @pytest.mark.parametrize("script", ["pretrain_mae.py", "init_head.py", "contrastive_tune.py", "evaluate.py", "bench.py"])
-def test_help_explains_and_exits_zero(monkeypatch, capsys, script):
+def test_help_explains_and_exits_zero(script):
     # argparse %-formats every help string: a bare "20%" in one crashed --help of three stages once.
-    code, out, err = run_in_process(monkeypatch, capsys, script, "--help")
+    code, out, err = run_in_process(script, "--help")
     assert code == 0, err[-2000:]
     assert out.startswith(f"usage: {script}") and "--device" in out, out[:500]
     assert len(out.splitlines()) > 20, out  # a description and examples, not only the flag list

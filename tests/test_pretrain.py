@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import assert_same_state, load_ckpt, run_in_process, run_script, run_torchrun
+from conftest import assert_same_state, load_ckpt, run_here, run_in_process, run_torchrun
 from model import MaskedAutoencoder, model_config
 
 SMALL = ["--model", "vit_nano", "--device", "cpu"]
@@ -26,7 +26,7 @@ def _log(path):
 @pytest.mark.slow
 def test_cifar_run_writes_checkpoint_log_and_pictures(needs_cifar, tmp_path):
     out = tmp_path / "run"
-    r = _ok(run_script("pretrain_mae.py", "--dataset", "imagefolder", "--data_path", needs_cifar, "--img_size", "32",
+    r = _ok(run_here("pretrain_mae.py", "--dataset", "imagefolder", "--data_path", needs_cifar, "--img_size", "32",
                        *SMALL, "--max_steps", "5", "--batch_size", "64", "--log_every", "5", "--out_dir", out))
     assert "img/s" in r.stdout
     ckpt = load_ckpt(out / "ckpt.pt")
@@ -49,9 +49,9 @@ def test_cifar_run_writes_checkpoint_log_and_pictures(needs_cifar, tmp_path):
 def test_resume_equals_uninterrupted_run(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = [*SYNTH, "--epochs", "2", "--log_every", "1"]  # the schedule spans --epochs: same in every run
-    _ok(run_script("pretrain_mae.py", *common, "--max_steps", "6", "--save_every", "3", "--out_dir", a))
-    _ok(run_script("pretrain_mae.py", *common, "--max_steps", "3", "--out_dir", b))
-    r = _ok(run_script("pretrain_mae.py", *common, "--max_steps", "6", "--resume", "--out_dir", b))
+    _ok(run_here("pretrain_mae.py", *common, "--max_steps", "6", "--save_every", "3", "--out_dir", a))
+    _ok(run_here("pretrain_mae.py", *common, "--max_steps", "3", "--out_dir", b))
+    r = _ok(run_here("pretrain_mae.py", *common, "--max_steps", "6", "--resume", "--out_dir", b))
     assert "resumed" in r.stdout
     ca, cb = load_ckpt(a / "ckpt.pt"), load_ckpt(b / "ckpt.pt")
     assert ca["step"] == cb["step"] == 6
@@ -65,7 +65,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_loss_falls(tmp_path):
     out = tmp_path / "run"
-    _ok(run_script("pretrain_mae.py", *SYNTH, "--epochs", "1", "--warmup_epochs", "0.05", "--blr", "1.5e-3",
+    _ok(run_here("pretrain_mae.py", *SYNTH, "--epochs", "1", "--warmup_epochs", "0.05", "--blr", "1.5e-3",
                    "--max_steps", "30", "--log_every", "3", "--out_dir", out))
     losses = [r["loss"] for r in _log(out / "log.jsonl")]
     assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
@@ -83,11 +83,11 @@ def test_loss_falls(tmp_path):
     (["--dataset", "synthetic", "--nnclr_weight", "1", "--compile_mode", "reduce-overhead"], "plain MAE"),
 ], ids=["missing_data_path", "unknown_dataset", "unknown_model", "img_not_divisible", "resume_without_ckpt",
         "cuda_graphs_with_joint"])
-def test_bad_input_fails_cleanly(monkeypatch, capsys, tmp_path, args, text):
+def test_bad_input_fails_cleanly(tmp_path, args, text):
     """Exit 2, one error line naming the problem, no traceback, nothing written."""
     out = tmp_path / "run"
     model = [] if "--model" in args else ["--model", "vit_nano"]
-    code, _, err = run_in_process(monkeypatch, capsys, "pretrain_mae.py", *args, *model, "--device", "cpu",
+    code, _, err = run_in_process("pretrain_mae.py", *args, *model, "--device", "cpu",
                                   "--max_steps", "2", "--batch_size", "32", "--out_dir", out)
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -123,9 +123,9 @@ def test_ddp_two_processes_smoke(needs_torchrun, tmp_path):
     assert len(_log(out / "log.jsonl")) == 3  # rank 0 alone writes the log
 
 
-def test_short_run_logs_its_last_step(monkeypatch, capsys, tmp_path):
+def test_short_run_logs_its_last_step(tmp_path):
     out = tmp_path / "run"
-    code, stdout, err = run_in_process(monkeypatch, capsys, "pretrain_mae.py", *SYNTH, "--max_steps", "2",
+    code, stdout, err = run_in_process("pretrain_mae.py", *SYNTH, "--max_steps", "2",
                                        "--log_every", "20", "--out_dir", out)
     assert code == 0 and (out / "ckpt.pt").exists(), err
     assert "img/s" in stdout
