@@ -51,17 +51,29 @@ def needs_torchrun():
 
 
 
-def run_in_process(script, *args, env=None):
-    """Run `python script args` in this process, as run_script would in a subprocess (in the repo root, one
-    intra-op thread: CPU reductions may depend on it), but without the 4-second torch import a subprocess pays on
-    a slow 2-core machine. Returns (exit code, stdout, stderr); sys.argv, the working directory, the environment
-    and the thread count are restored after."""
+def run_in_process(script, *args, env=None, timeout=300):
+    """Run `python script args` in this process, in the repo root, without the 4-second torch import that a
+    subprocess pays on a slow 2-core machine. Returns (exit code, stdout, stderr). Unlike run_script: one intra-op
+    thread whatever the caller's OMP_NUM_THREADS (CPU reductions may depend on it: every in-process run has the
+    same), Python warnings go to pytest's record, not to stderr, and what bypasses sys.stdout/sys.stderr (C++
+    warnings, DataLoader worker processes) is not captured; keep a subprocess where a test is about those.
+    sys.argv, the working directory, the environment, the thread count and torch's global RNG are restored after,
+    and a run longer than `timeout` seconds stops with TimeoutError (as run_script's subprocess timeout)."""
     import contextlib
     import io
     import runpy
+    import signal
+    import threading
     import torch
-    saved = sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads()
+
+    def too_long(signum, frame):
+        raise TimeoutError(f"{script} ran longer than {timeout} s")
+    watchdog = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    saved = sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads(), torch.get_rng_state()
     out, err, code = io.StringIO(), io.StringIO(), 0
+    if watchdog:
+        old_handler = signal.signal(signal.SIGALRM, too_long)
+        signal.alarm(timeout)
     try:
         sys.argv = [str(script), *map(str, args)]
         os.chdir(REPO)
@@ -73,17 +85,22 @@ def run_in_process(script, *args, env=None):
             except SystemExit as e:
                 code = e.code or 0
     finally:
+        if watchdog:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old_handler)
         sys.argv = saved[0]
         os.chdir(saved[1])
         os.environ.clear()
         os.environ.update(saved[2])
         torch.set_num_threads(saved[3])
+        torch.set_rng_state(saved[4])
     return code, out.getvalue(), err.getvalue()
 
 
-def run_here(script, *args, env=None):
-    """run_in_process as a CompletedProcess: a drop-in for run_script in tests that run several short stages."""
-    return subprocess.CompletedProcess([str(script), *map(str, args)], *run_in_process(script, *args, env=env))
+def run_here(script, *args, env=None, timeout=300):
+    """run_in_process as a CompletedProcess: for run_script in tests that run several short stages."""
+    return subprocess.CompletedProcess([str(script), *map(str, args)],
+                                       *run_in_process(script, *args, env=env, timeout=timeout))
 
 
 # A stand-in `python` (and `torchrun`) for the tests of the shell scripts that run the stages (reproduce.sh,

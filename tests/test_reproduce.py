@@ -148,7 +148,27 @@ def test_device_cpu_runs_every_stage_as_one_cpu_process_beside_gpus(tmp_path, de
     calls = recipe_calls(tmp_path, "fashion_mnist", 2, flags=("--data_path", "d", *device), ARMS="parallel")
     stages = [c for cs in calls.values() for c in cs]
     assert len(stages) == 8 and not any(t for _, t in stages)  # 5 stages and 3 evaluations, none through torchrun
-    assert all(device[-1] in " ".join(a) for a, _ in stages)
+    assert all(" ".join(device) in " ".join(a) for a, _ in stages)
+    # the last --device decides, as in argparse
+    r, calls_file = fake_reproduce(tmp_path / "last", "fashion_mnist", 2, ("--device", "cpu", "--device", "cuda"))
+    assert r.returncode == 0 and all(t for _, t in recorded_calls(calls_file)), r.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_copied_stage_1_is_reused_in_a_new_run_folder(tmp_path):
+    """A stage 1 and its evaluation copied into a new RUN (as RESULTS.md's runs tune one MAE two ways) are skipped
+    there: only stages 2-3 and their evaluation run, here with the other pooling."""
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, AUG="0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = tmp_path / "new"
+    for d in ("mae", "eval_mae"):
+        shutil.copytree(tmp_path / "run" / d, new / d)
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, RUN=str(new), POOLING="mean", AUG="0")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    scripts = [args[0] for args, _ in recorded_calls(calls)]
+    assert scripts == ["init_head.py", "contrastive_tune.py", "evaluate.py"] and "pretrain_mae.py ->" not in r.stdout
+    head = next(args for args, _ in recorded_calls(calls) if args[0] == "init_head.py")
+    assert value(head, "--pooling") == "mean" and value(head, "--init_from") == f"{new}/mae/ckpt.pt"
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
