@@ -86,19 +86,11 @@ case $POOLING in
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the recipe's default)" >&2; exit 2 ;;
 esac
 source ./eval_flags.sh  # a missing file stops here (set -e)
-eval_flags "$@"  # pass: the extra flags evaluate.py takes too
+eval_flags "$@"  # pass: the extra flags evaluate.py takes too; dev: the --device given
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}; E3_AUG=${E3_AUG:-${e3aug:-$E3}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
-dev=  # the --device given (the last one, as argparse takes it); with cpu, no GPU is used and none is counted
-for ((i = 0; i < ${#pass[@]}; i++)); do
-  case ${pass[i]} in
-    --device=*) dev=${pass[i]#--device=} ;;
-    --device) dev=${pass[i + 1]}; i=$((i + 1)) ;;
-    --*=*) ;;
-    *) i=$((i + 1)) ;;  # another flag, its value in the next entry (eval_flags keeps them in pairs)
-  esac
-done
+# --device cpu (dev, from eval_flags): no GPU is used, and none is counted (a torch import)
 if [ "$dev" = cpu ]; then ngpu=0; else ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0); fi
 GRAPHS=${GRAPHS:-all}
 case $GRAPHS in all|mae|none) ;; *) echo "error: GRAPHS='$GRAPHS' (all, mae or none)" >&2; exit 2 ;; esac

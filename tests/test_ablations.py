@@ -119,7 +119,7 @@ def test_joint_run_logs_both_losses_resumes_and_feeds_init_head(tmp_path):
     assert bad.returncode != 0 and "nnclr_weight" in bad.stderr and "Traceback" not in bad.stderr
     # the joint checkpoint starts stage 2 like any stage-1 checkpoint (strict encoder loading)
     ok(run_here("init_head.py", "--init_from", j / "ckpt.pt", "--dataset", "synthetic", "--device", "cpu",
-                   "--batch_size", "32", "--max_steps", "2", *HEAD, "--out_dir", tmp_path / "head"))
+                "--batch_size", "32", "--max_steps", "2", *HEAD, "--out_dir", tmp_path / "head"))
     assert load_ckpt(tmp_path / "head" / "ckpt.pt")["stage"] == "head"
 
 
@@ -129,7 +129,7 @@ def test_evaluate_projector_and_predictor_features(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SYNTHETIC_SIZES", dict(train=1000, val=300))  # smaller generated sets: a faster test
     ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path / "mae"))
     ok(run_here("init_head.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--dataset", "synthetic", "--device",
-                   "cpu", "--batch_size", "32", "--max_steps", "3", *HEAD, "--out_dir", tmp_path / "head"))
+                "cpu", "--batch_size", "32", "--max_steps", "3", *HEAD, "--out_dir", tmp_path / "head"))
     for feats, dim in [("encoder", 64), ("projector", 16), ("predictor", 16)]:
         out = tmp_path / f"eval_{feats}"
         ok(run_here("evaluate.py", "--init_from", tmp_path / "head" / "ckpt.pt", "--device", "cpu", "--metrics",
@@ -139,7 +139,7 @@ def test_evaluate_projector_and_predictor_features(tmp_path, monkeypatch):
         assert 0 <= res["knn10"] <= 100
     # a stage-1 checkpoint has no head: refused with a message
     r = run_here("evaluate.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--device", "cpu", "--features",
-                   "projector", "--out_dir", tmp_path / "x")
+                 "projector", "--out_dir", tmp_path / "x")
     assert r.returncode != 0 and "stage-2/3" in r.stderr
 
 

@@ -25,6 +25,8 @@ import model  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k"
 CPU = common.Proc(0, 1, torch.device("cpu"), torch.float32)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One thread in this process (restored afterwards for other test files): on a small shared CPU box, OpenMP

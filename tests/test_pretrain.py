@@ -27,7 +27,7 @@ def _log(path):
 def test_cifar_run_writes_checkpoint_log_and_pictures(needs_cifar, tmp_path):
     out = tmp_path / "run"
     r = _ok(run_here("pretrain_mae.py", "--dataset", "imagefolder", "--data_path", needs_cifar, "--img_size", "32",
-                       *SMALL, "--max_steps", "5", "--batch_size", "64", "--log_every", "5", "--out_dir", out))
+                     *SMALL, "--max_steps", "5", "--batch_size", "64", "--log_every", "5", "--out_dir", out))
     assert "img/s" in r.stdout
     ckpt = load_ckpt(out / "ckpt.pt")
     assert ckpt["stage"] == "mae" and ckpt["step"] == 5
@@ -66,7 +66,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_loss_falls(tmp_path):
     out = tmp_path / "run"
     _ok(run_here("pretrain_mae.py", *SYNTH, "--epochs", "1", "--warmup_epochs", "0.05", "--blr", "1.5e-3",
-                   "--max_steps", "30", "--log_every", "3", "--out_dir", out))
+                 "--max_steps", "30", "--log_every", "3", "--out_dir", out))
     losses = [r["loss"] for r in _log(out / "log.jsonl")]
     assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
