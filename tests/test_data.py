@@ -127,6 +127,42 @@ def test_hue_shift_matches_torchvision():
 
 
 @pytest.mark.parametrize("channels", [3, 1])
+def test_color_jitter_matches_torchvision_per_image(channels):
+    # The batched jitter against torchvision's functional ops applied image by image in each image's drawn order.
+    from torchvision.transforms import functional as TF
+    torch.manual_seed(0)
+    B = 24
+    x = torch.rand(B, channels, 8, 8)
+    factors = torch.stack([torch.empty(B).uniform_(lo, hi) for lo, hi in
+                           [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]], dim=1)
+    order = torch.rand(B, 4).argsort(dim=1)
+    jitter = torch.arange(B) % 5 != 0  # a fifth is left alone
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue][:4 if channels == 3 else 2]
+    ref = []
+    for i in range(B):
+        y = x[i]
+        for op in order[i].tolist() if jitter[i] else []:
+            if op < len(ops):
+                y = ops[op](y, factors[i, op].item())
+        ref.append(y)
+    out = data.color_jitter(x, factors, order, jitter)
+    torch.testing.assert_close(out, torch.stack(ref), atol=1e-4, rtol=0)
+    assert torch.equal(out[~jitter], x[~jitter])
+
+
+def test_hue_where_shifts_only_the_active_images_on_either_path():
+    torch.manual_seed(0)
+    x, shift = torch.rand(10, 3, 8, 8), torch.empty(10).uniform_(-0.1, 0.1)
+    active = torch.arange(10) % 3 == 0
+    subset = data._hue_where(x, shift, active, whole_batch=False)  # the CPU path
+    whole = data._hue_where(x, shift, active, whole_batch=True)  # the GPU path, no host sync
+    torch.testing.assert_close(subset, whole, atol=1e-5, rtol=0)
+    assert torch.equal(subset[~active], x[~active])
+    torch.testing.assert_close(subset[active], data._hue_shift(x[active], shift[active]).clamp(0, 1))
+    assert (subset[active] - x[active]).abs().amax() > 0.01
+
+
+@pytest.mark.parametrize("channels", [3, 1])
 def test_aug_views_shapes_and_difference(channels):
     torch.manual_seed(0)
     x = (torch.rand(16, channels, 32, 32) * 255).to(torch.uint8)
