@@ -2,7 +2,7 @@
 # MAE-CT end to end: stage 1 (MAE) -> evaluate -> stage 2 (NNCLR head) -> stage 3 (contrastive tuning) -> evaluate,
 # then MAE vs MAE-CT side by side (also written to RUN/table.md).
 #
-#   bash reproduce.sh smoke                       # generated tiled shapes, vit_nano, CPU: the whole chain in minutes
+#   bash reproduce.sh smoke                       # generated tiled shapes, vit_nano, CPU: MAE vs MAE-CT in minutes
 #   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset: ~26 min on 2
 #                                                  # idle cores, 24 with ARMS=parallel (session 14); 48 with
 #                                                  # ARMS=parallel on a 2x slower 2-core machine (session 15)
@@ -15,23 +15,25 @@
 # Stages 2-3 run twice from the same stage 1: MAE-CT (crop + flip only, the paper's method) and MAE-CT_aug (plus the
 # BYOL colour pipeline in both stages, head lr 5e-4: the paper's variant, which matters most for small models; as the
 # authors, its head is trained on the colour views too, and stage 3 takes the views and the paper's _aug settings from
-# that head); the table has one row each. Extra flags go to every training stage (e.g. --device cpu, --data_path);
-# evaluate.py gets those it takes too (--device --data_path --img_size --num_workers --precision; EVAL for its own).
-# Environment: SEED (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3;
-# E3_AUG, MAE-CT_aug's stage 3, default E3, except the ImageNet recipes': the paper's 80, whatever E3 says), STEPS
-# (cap every stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0 (skip MAE-CT_aug),
-# POOLING=cls|mean (the encoder feature stages 2 and 3 tune and the table leads with; default the recipe's: the
-# paper's for the model size, mean of patch tokens for ViT-B and smaller, except the CLS token of fashion_mnist and
-# smoke; it is part of stage 2's settings, so a run made with one is not continued with the other), MAE=FILE (start
-# from this stage-1 checkpoint, ours or an official MAE .pth, instead of training stage 1; a path relative to this
-# folder, like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none
-# stops), GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1
-# only (the recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel
-# (one GPU, meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the
-# same device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain on a GPU
-# is not measured yet, BENCHMARKS.md; on CPU each arm gets half the cores unless OMP_NUM_THREADS is set, and 2 cores
-# ran the smoke and cifar10_5k chains in 13% and ~7% less time). All visible GPUs are
-# used through torchrun; with --device cpu, none (each stage one CPU process, whatever GPUs are visible).
+# that head); the table has one row each. smoke runs MAE-CT only unless AUG=1: its MAE-CT_aug arm would take the
+# chain on 2 slow cores past 10 minutes (RESULTS.md, session 17). Extra flags go to every training stage (e.g.
+# --device cpu, --data_path); evaluate.py gets those it takes too (--device --data_path --img_size --num_workers
+# --precision; EVAL for its own).
+# Environment: SEED (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3; E3_AUG,
+# MAE-CT_aug's stage 3, default E3, except the ImageNet recipes': the paper's 80, whatever E3 says), STEPS (cap every
+# stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0|1 (skip MAE-CT_aug or run it; default
+# 1, smoke 0), POOLING=cls|mean (the encoder feature stages 2 and 3 tune and the table leads with; default the recipe's:
+# the paper's for the model size, mean of patch tokens for ViT-B and smaller, except the CLS token of fashion_mnist and
+# smoke; it is part of stage 2's settings, so a run made with one is not continued with the other), MAE=FILE (start from
+# this stage-1 checkpoint, ours or an official MAE .pth, instead of training stage 1; a path relative to this folder,
+# like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none stops),
+# GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1 only (the
+# recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel (one GPU,
+# meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the same
+# device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain on a GPU is not
+# measured yet, BENCHMARKS.md; on CPU each arm gets half the cores unless OMP_NUM_THREADS is set, and 2 cores ran the
+# smoke and cifar10_5k chains in 13% and ~7% less time). All visible GPUs are used through torchrun; with --device cpu,
+# none (each stage one CPU process, whatever GPUs are visible).
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
 # (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=), and a
@@ -62,10 +64,10 @@ SEED=${SEED:-0}
 # its MAE of +2.1 / +2.0 (20 epochs: +1.7 / +1.3) and MAE-CT +1.1 / -0.7 (20 epochs: -0.1 / -0.3); seed 3, held out,
 # +3.6 / +2.3 and +0.6 / -0.5. Stage 3 then costs more than this recipe's short stage 1 (RESULTS.md); E3=20 is the
 # paper's.
-graphs=0; pool=; mae_extra=; ct_extra=; e3aug=  # set by the recipe only, never taken from the environment
+graphs=0; pool=; mae_extra=; ct_extra=; e3aug=; aug=1  # set by the recipe only, never taken from the environment
 case $name in
   smoke)         data="--dataset synthetic"; model=vit_nano; e=(30 10 10); bs=(256 256 256)
-                 head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; extra_ct="--topk 5"; pool=cls ;;
+                 head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 2048"; extra_ct="--topk 5"; pool=cls; aug=0 ;;
   cifar10_5k)    data="--dataset imagefolder --data_path ../shared/data/cifar10-5k --img_size 32"; model=vit_nano
                  e=(100 20 100); bs=(256 256 256); head="--proj_hidden 512 --proj_dim 128 --pred_hidden 512 --queue_size 1024"; extra_ct="--topk 5" ;;
   fashion_mnist) data="--dataset fashion_mnist"; model=vit_tiny; e=(100 20 40); bs=(1024 1024 1024)
@@ -92,6 +94,8 @@ RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
 # --device cpu (dev, from eval_flags): no GPU is used, and none is counted (a torch import)
 if [ "$dev" = cpu ]; then ngpu=0; else ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0); fi
+AUG=${AUG:-$aug}
+case $AUG in 0|1) ;; *) echo "error: AUG='$AUG' (0 or 1)" >&2; exit 2 ;; esac
 GRAPHS=${GRAPHS:-all}
 case $GRAPHS in all|mae|none) ;; *) echo "error: GRAPHS='$GRAPHS' (all, mae or none)" >&2; exit 2 ;; esac
 ARMS=${ARMS:-serial}
@@ -170,7 +174,7 @@ else
   stage mae pretrain_mae.py --model $model $mae_extra --epochs "$E1" --batch_size "${bs[0]}" --warmup_epochs $((E1 / 20 + 1)) $cap "$@"
   mae=$RUN/mae/ckpt.pt
 fi
-if [ "${AUG:-1}" = 0 ]; then
+if [ "$AUG" = 0 ]; then
   ct_arm "$@"
 elif [ "$ARMS" = serial ]; then
   ct_arm "$@"; aug_arm "$@"

@@ -108,7 +108,7 @@ RECIPES = {"smoke": (False, "cls"), "cifar10_5k": (False, None), "fashion_mnist"
 def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, recipe):
     graphs, pooling = RECIPES[recipe]
     for ngpu in (1, 2):
-        calls = recipe_calls(tmp_path / str(ngpu), recipe, ngpu)
+        calls = recipe_calls(tmp_path / str(ngpu), recipe, ngpu, AUG="1")  # smoke runs MAE-CT_aug only when asked
         (mae, _), = calls["pretrain_mae.py"]
         heads = [a for a, _ in calls["init_head.py"]]
         cts = [a for a, _ in calls["contrastive_tune.py"]]
@@ -155,6 +155,23 @@ def test_device_cpu_runs_every_stage_as_one_cpu_process_beside_gpus(tmp_path, de
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_smoke_runs_mae_ct_only_unless_aug_is_1(tmp_path):
+    """smoke leaves MAE-CT_aug out by default (its chain then fits 10 minutes on 2 slow cores); AUG=1 adds it, AUG=0
+    takes it out of any recipe, and another value stops before anything runs."""
+    cases = [("smoke", {}, ["head", "ct"]), ("smoke", {"AUG": "1"}, ["head", "ct", "head_aug", "ct_aug"]),
+             ("cifar10_5k", {}, ["head", "ct", "head_aug", "ct_aug"]), ("cifar10_5k", {"AUG": "0"}, ["head", "ct"])]
+    for i, (recipe, env, stages) in enumerate(cases):
+        r, calls = fake_reproduce(tmp_path / str(i), recipe, 0, **env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        done = [value(a, "--out_dir").split("/")[-1] for a, _ in recorded_calls(calls)]
+        assert [d for d in done if not d.startswith("eval_")] == ["mae", *stages]
+        assert ("| MAE-CT_aug |" in r.stdout) == ("ct_aug" in stages)
+    r, calls = fake_reproduce(tmp_path / "bad", "smoke", 0, AUG="yes")
+    assert r.returncode == 2 and r.stderr == "error: AUG='yes' (0 or 1)\n" and recorded_calls(calls) == []
+    assert not (tmp_path / "bad" / "run").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_copied_stage_1_is_reused_in_a_new_run_folder(tmp_path):
     """A stage 1 and its evaluation copied into a new RUN (as RESULTS.md's runs tune one MAE two ways) are skipped
     there: only stages 2-3 and their evaluation run, here with the other pooling."""
@@ -191,7 +208,7 @@ def test_a_head_from_before_session_10_is_not_continued(tmp_path):
 def test_a_smoke_run_on_the_untiled_shapes_is_not_continued(tmp_path):
     """Session 11 tiled the generated shapes (data.make_synthetic), a change in code, not in flags: a smoke run
     folder made before has a stage 1 trained on other images, and none of its stages is reused."""
-    r, _ = fake_reproduce(tmp_path, "smoke", 0)
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, AUG="1")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run = tmp_path / "run"
     for stage in ("mae", "head", "ct", "head_aug", "ct_aug"):
