@@ -49,6 +49,9 @@ p.add_argument("--end_to_end", default=None,
                help="dataset for end-to-end runs through data.ViewLoader (e.g. synthetic): the MAE step (mae in --stages) "
                     "and stage 3 (ct in --stages)")
 p.add_argument("--data_path", default=None, help="dataset root for --end_to_end")
+p.add_argument("--ct_views", default="minimal", choices=["minimal", "aug"],
+               help="views of stage 3's end-to-end run: minimal (crop + flip, MAE-CT) or aug (plus the BYOL colour "
+                    "pipeline, MAE-CT_aug)")
 p.add_argument("--profile", action="store_true", help="print the top operators (torch.profiler) of the first variant's step")
 p.add_argument("--json", default=None, help="also write the rows to this file")
 p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
@@ -220,11 +223,11 @@ def endless(loader):
 
 
 def e2e_step(stage="mae"):
-    """Steps fed by the real data path: in-memory dataset on the device, batched crop+flip (two views for stage 3),
+    """Steps fed by the real data path: in-memory dataset on the device, batched crop+flip (two views for stage 3, --ct_views),
     then the MAE step (stage 'mae') or the contrastive-tuning step ('ct')."""
     train = data.load_split(args.end_to_end, args.data_path, "train", args.img_size, None, 0)
     cfg_e = model_config(args.model, args.img_size, args.patch_size, train.channels)
-    views = "mae" if stage == "mae" else "minimal"
+    views = "mae" if stage == "mae" else args.ct_views
     batches = endless(data.ViewLoader(train, B, views, 1 if stage == "mae" else 2, args.img_size, dev, num_workers=8))
     if stage == "ct":
         return nnclr_step("ct", batches=batches, cfg=cfg_e)
@@ -312,7 +315,8 @@ if args.baseline:
 if args.end_to_end and "mae" in stages:
     bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step){mode}", e2e_step, False)
 if args.end_to_end and "ct" in stages:
-    bench(f"contrastive tuning end-to-end on {args.end_to_end} (two views + step){mode}", lambda: e2e_step("ct"), False)
+    bench(f"contrastive tuning end-to-end on {args.end_to_end} (two {args.ct_views} views + step){mode}",
+          lambda: e2e_step("ct"), False)
 
 proc.print("\n| stage | model | img | batch | img/s | step ms | GFLOP/img | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
 dash = lambda v: "-" if v is None else v
