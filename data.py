@@ -308,7 +308,7 @@ def crop_resize_flip(x, boxes, flip, out_size):
     return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
-def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W), ITU-R 601 luma as in torchvision
+def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W), ITU-R 601 luma (torchvision: 0.2989 for red, 4e-5 apart)
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
@@ -339,7 +339,7 @@ def _hue_where(x, shift, active, whole_batch=None):
     if whole_batch:
         return _hue_shift(x, torch.where(active, shift, 0.0)).clamp(0, 1)
     i = active.nonzero()[:, 0]
-    return x.index_put((i,), _hue_shift(x[i], shift[i]).clamp(0, 1))
+    return x.index_put((i,), _hue_shift(x[i], shift[i]).clamp(0, 1).to(x.dtype))
 
 
 def _gaussian_blur(x, sigma):

@@ -32,8 +32,8 @@
 # meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the same
 # device, its output in RUN/arm_aug.log, and their stage seconds overlap; whether it shortens the chain on a GPU is not
 # measured yet, BENCHMARKS.md; on CPU each arm gets half the cores unless OMP_NUM_THREADS is set, and 2 cores ran the
-# smoke and cifar10_5k chains in 13% and ~7% less time). All visible GPUs are used through torchrun; with --device cpu,
-# none (each stage one CPU process, whatever GPUs are visible).
+# smoke (both arms) and cifar10_5k chains in 13% and ~7% less time). All visible GPUs are used through torchrun; with
+# --device cpu, none (each stage one CPU process, whatever GPUs are visible).
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
 # settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
 # (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=), and a
