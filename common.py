@@ -157,8 +157,13 @@ def ddp(model, proc):
 
 def seed_step(seed, rank, step):
     """Reseed every generator from (seed, rank, step) before each step: masking noise, crops and top-k draws
-    differ per rank and per step, and a resumed run replays exactly what an uninterrupted one would."""
-    torch.manual_seed((seed * 1_000_003 + rank * 7919 + step) % 2**63)
+    differ per rank and per step, and a resumed run replays exactly what an uninterrupted one would.
+
+    One 32-bit number (the CPU generator keeps only the low 32 bits of a seed) with ranks 2^22 steps apart: within a
+    run, no two (rank, step) pairs draw alike for up to 1024 ranks and 4,194,304 steps. Before session 17 ranks were
+    7919 steps apart, so rank 1 drew at step s what rank 0 drew at step s + 7919; rank 0 draws as it did then.
+    """
+    torch.manual_seed((seed * 1_000_003 + rank * 2**22 + step) % 2**32)
 
 
 # ---------------------------------------------------------------- cross-rank gathers

@@ -462,6 +462,8 @@ def test_ranks_get_different_data_and_augmentation():
     j2, w2 = batch(0, 0, shard=0)
     assert torch.equal(j0, j2) and all(torch.equal(x, y) for x, y in zip(w0, w2))
     assert not torch.equal(batch(0, 1, shard=0)[1][0], w0[0])  # a new step draws new crops
+    # no rank replays another rank's draws later in the run (ranks were once 7919 steps apart)
+    assert not torch.equal(batch(1, 0, shard=0)[1][0], batch(0, 7919, shard=0)[1][0])
 
 
 @pytest.mark.parametrize("script", ["pretrain_mae.py", "init_head.py", "contrastive_tune.py", "evaluate.py", "bench.py"])
