@@ -223,8 +223,8 @@ def endless(loader):
 
 
 def e2e_step(stage="mae"):
-    """Steps fed by the real data path: in-memory dataset on the device, batched crop+flip (two views for stage 3, --ct_views),
-    then the MAE step (stage 'mae') or the contrastive-tuning step ('ct')."""
+    """Steps fed by the real data path: in-memory dataset on the device, batched crop+flip (two views for stage 3,
+    with colour too for --ct_views aug), then the MAE step (stage 'mae') or the contrastive-tuning step ('ct')."""
     train = data.load_split(args.end_to_end, args.data_path, "train", args.img_size, None, 0)
     cfg_e = model_config(args.model, args.img_size, args.patch_size, train.channels)
     views = "mae" if stage == "mae" else args.ct_views

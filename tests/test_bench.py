@@ -7,8 +7,8 @@ from tests.conftest import run_script
 def test_bench_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = run_script("bench.py", "--device", "cpu", "--stages", "mae,head,ct,features", "--queue_size", "256",
-                   "--steps", "1", "--runs", "1", "--warmup", "1", "--end_to_end", "synthetic", "--ct_views", "aug", "--json", out,
-                   timeout=300)
+                   "--steps", "1", "--runs", "1", "--warmup", "1", "--end_to_end", "synthetic", "--ct_views", "aug",
+                   "--json", out, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [row["name"].split(" (")[0] for row in rows] == [
