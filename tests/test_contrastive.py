@@ -411,6 +411,7 @@ def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
         f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     r = ct(chain, b, "--max_steps", "4", "--resume", *ema)
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    assert "note: with --encoder_ema 0.9 over 4 steps, 66% of the EMA encoder is still the stage-2" in r.stdout
     ca, cb = (torch.load(x / "ckpt.pt", weights_only=True) for x in (a, b))
     assert ca["step"] == cb["step"] == 4
     for part in ("model", "encoder_ema"):
@@ -456,6 +457,8 @@ def test_bad_input(chain, tmp_path):
     assert_refused(ct(chain, out, "--topk", "100000"), out, "larger than the queue")
     assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
     assert_refused(ct(chain, out, "--crop_min", "0"), out, "--crop_min 0.0 is not in (0, 1]")
+    assert_refused(ct(chain, out, "--encoder_ema", "1"), out, "--encoder_ema 1.0 is not in [0, 1)")
+    assert_refused(ct(chain, out, "--target_ema", "-0.5"), out, "--target_ema -0.5 is not in [0, 1)")
     assert_refused(ct(chain, out, "--pooling", "cls"), out, "--pooling cls differs from the stage-2 head")
     assert_refused(ct(chain, out, "--proj_dim", "64"), out, "--proj_dim 64 differs from the stage-2 head")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")
