@@ -267,6 +267,7 @@ def save_checkpoint(path, background=False, **payload):
                and not bool(torch.isfinite(v).all())]
         raise UserError(f"non-finite weights at step {payload.get('step')} ({bad[0]}{' ...' if len(bad) > 1 else ''}): "
                         f"not saved; the last good checkpoint is {path} (lower --blr or check the data)")
+    payload.setdefault("torchrun_id", os.environ.get("TORCHELASTIC_RUN_ID"))  # which job wrote it: want_resume
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     finish_saves()
     if not background:
@@ -317,9 +318,24 @@ def finish_saves():
 def want_resume(args, ckpt_path):
     """Resume from ckpt_path with --resume, or by itself when torchrun restarted this job after a crash
     (--max_restarts; torchrun sets TORCHELASTIC_RESTART_COUNT > 0 in the restarted workers) and the failed
-    attempt got as far as a checkpoint. Otherwise start fresh."""
+    attempt got as far as a checkpoint. Otherwise start fresh. "This job's checkpoint": save_checkpoint records
+    torchrun's run id (TORCHELASTIC_RUN_ID), so an older run's checkpoint left in the folder is not continued when
+    the first attempt crashed before its first save. torchrun draws a fresh id for every single-node launch; a
+    multi-node job has the --rdzv_id it was given (default "none", shared by every job: pass a unique one)."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    return args.resume or (restarted and os.path.isfile(ckpt_path))
+    if args.resume or not restarted or not os.path.isfile(ckpt_path):
+        return bool(args.resume)
+    try:  # mmap: reads the small key, not the weights
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("torchrun_id")
+    except Exception:
+        return False  # unreadable: not a checkpoint this job wrote (those are renamed into place whole)
+    return saved == os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def check_batch(batch_size, n_train):
+    """The loaders drop the last partial batch: a global batch larger than the data would train for no step."""
+    if n_train < batch_size:
+        raise UserError(f"--batch_size {batch_size} is larger than the training set ({n_train} images)")
 
 
 def load_checkpoint(path, stages=None):

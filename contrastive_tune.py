@@ -134,6 +134,7 @@ def main():
 
     # ---- data ----
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
+    common.check_batch(args.batch_size, len(train))
     check_queue(args, len(train))
     loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
                              args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))
@@ -162,6 +163,9 @@ def main():
     step = 0
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["ct"])
+        if (encoder_ema is not None) != ("encoder_ema" in ckpt):
+            raise common.UserError(f"{ckpt_path} was {'not ' if encoder_ema is not None else ''}trained with "
+                                   "--encoder_ema; resume it with the same setting")
         common.load_strict(model, ckpt["model"], ckpt_path)
         common.load_optimizer(opt, ckpt["optimizer"])
         if encoder_ema is not None:

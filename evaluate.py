@@ -21,7 +21,8 @@ DINO's and MAE's sweeps, the probe lr is picked on the val split. Time: vit_nano
 images, all metrics, defaults) takes ~7 s on 2 idle CPU cores. OMP note: the metrics are many small tensor
 ops; on a busy 2-core machine, spinning OpenMP threads made that same run 450 s (9 s with OMP_NUM_THREADS=1).
 
-OUT_DIR/results.json (all numbers in percent; a metric that was not run is null):
+OUT_DIR/results.json (all numbers in percent; the keys below always appear, null for a metric that was not run,
+except nmi_best, ari_best, lowshot_N_std and extra knnK, which appear only with their metric):
     knn10, knn20        k-NN accuracy, k = 10 (authors' code) and 20 (DINO); other --knn_k values add knnK
     linear, linear_lr   best linear-probe val accuracy over --probe_lrs, and the lr that reached it
     kmeans_acc_mean     k-means (fit on train, k = classes) val cluster accuracy, mean over --kmeans_seeds
@@ -515,8 +516,10 @@ def main():
             h = poolings.index(headline)
             trn, van = standardise(tr_all[:, h * dim:(h + 1) * dim], va_all[:, h * dim:(h + 1) * dim])
             save_pictures(trn, ytr, van, yva, assigns[headline], train, val, args)
-        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        path = os.path.join(args.out_dir, "results.json")
+        with open(path + ".tmp", "w") as f:  # then renamed: reproduce.sh skips an evaluation whose file exists,
+            json.dump(results, f, indent=1)  # so a kill must never leave a half-written one
+        os.replace(path + ".tmp", path)
         print(f"results in {args.out_dir}/results.json ({results['seconds']} s)")
 
 

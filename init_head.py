@@ -124,6 +124,7 @@ def main():
 
     # ---- data: two views per image, crop + flip (MAE-CT) or with colour too (MAE-CT_aug) ----
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
+    common.check_batch(args.batch_size, len(train))
     check_queue(args, len(train))
     loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
                              args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))

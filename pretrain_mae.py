@@ -88,8 +88,7 @@ def main():
     # ---- data ----
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed)
-    if len(train) < args.batch_size:
-        raise common.UserError(f"--batch_size {args.batch_size} is larger than the training set ({len(train)} images)")
+    common.check_batch(args.batch_size, len(train))
     if joint:
         check_queue(args, len(train))
         train_labels = train.labels.to(proc.device)  # for the nn_acc diagnostic only

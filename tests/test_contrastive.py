@@ -421,8 +421,12 @@ def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
     assert all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
     log_steps = lambda d: [json.loads(line)["step"] for line in (d / "log.jsonl").read_text().splitlines()]
     assert log_steps(b) == [2, 4]  # the lines after the checkpoint's step are dropped on resume, not repeated
+    r = ct(chain, b, "--max_steps", "6", "--resume")  # without the EMA it was saved with: refused, not dropped
+    assert r.returncode == 2 and "was trained with --encoder_ema; resume it with the same setting" in r.stderr
     assert ct(chain, b, "--max_steps", "1").returncode == 0  # a fresh run (no --resume) into the same folder
     assert log_steps(b) == [1]  # starts a new log
+    r = ct(chain, b, "--max_steps", "2", "--resume", *ema)  # an EMA that the checkpoint does not hold: refused
+    assert r.returncode == 2 and "was not trained with --encoder_ema" in r.stderr
 
 
 def test_official_mae_file_is_accepted_by_init_head(tmp_path):
@@ -455,6 +459,10 @@ def test_bad_input(chain, tmp_path):
     torch.save(ck, tmp_path / "shapes.pt")
     assert_refused(ct(chain, out, "--init_from", tmp_path / "shapes.pt"), out, "wrong shape")
     assert_refused(ct(chain, out, "--topk", "100000"), out, "larger than the queue")
+    assert_refused(ct(chain, out, "--batch_size", "8192", "--queue_size", "8192"), out,
+                   "--batch_size 8192 is larger than the training set (5000 images)")
+    assert_refused(run("init_head.py", *stage_args(chain, "init_head.py"), "--dataset", "synthetic", "--batch_size", "8192",
+                       "--out_dir", out, "--device", "cpu"), out, "--batch_size 8192 is larger than the training set")
     assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
     assert_refused(ct(chain, out, "--crop_min", "0"), out, "--crop_min 0.0 is not in (0, 1]")
     assert_refused(ct(chain, out, "--encoder_ema", "1"), out, "--encoder_ema 1.0 is not in [0, 1)")

@@ -329,6 +329,19 @@ def test_e2e_official(ckpts, tmp_path, mae_synthetic):
     assert res["cls"]["knn10"] == pytest.approx(mae_synthetic[0]["cls"]["knn10"])
 
 
+def test_results_json_is_whole_or_absent(ckpts, tmp_path, monkeypatch):
+    """Stopped while results.json is written (here the disk fills up half-way): no results.json at all, since
+    reproduce.sh takes an existing one as "evaluated already" and its table would fail on half a JSON."""
+    def disk_full(obj, f, **kw):
+        f.write('{"knn10": ')
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run_eval("--init_from", ckpts / "official.pth", "--dataset", "synthetic", "--metrics", "knn",
+                 "--batch_size", 500, "--out_dir", tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_trained_beats_random(ckpts, mae_synthetic, tmp_path):
     r = run_eval("--init_from", ckpts / "trained" / "ckpt.pt", "--metrics", "knn", "--pooling", "mean",
                  "--batch_size", 500, "--out_dir", tmp_path)

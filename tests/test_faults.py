@@ -208,13 +208,20 @@ def test_torchrun_restart_after_a_rank_crash_resumes_by_itself(needs_torchrun, m
 def test_want_resume(monkeypatch, tmp_path):
     ns = lambda resume: type("A", (), {"resume": resume})()
     ckpt = tmp_path / "ckpt.pt"
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    for k in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
     assert common.want_resume(ns(True), ckpt) and not common.want_resume(ns(False), ckpt)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    ckpt.write_bytes(b"x")
+    common.save_checkpoint(str(ckpt), model={"w": torch.zeros(2)}, step=2)  # written by job-a
+    assert torch.load(ckpt, weights_only=True)["torchrun_id"] == "job-a"
     assert not common.want_resume(ns(False), ckpt)  # first attempt: a fresh run, even over an old folder
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert common.want_resume(ns(False), ckpt)
+    assert common.want_resume(ns(False), ckpt)  # job-a restarted after its save: continue it
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    assert not common.want_resume(ns(False), ckpt)  # job-b crashed before its first save: job-a's file is not its own
+    ckpt.write_bytes(b"x")
+    assert not common.want_resume(ns(False), ckpt)  # unreadable: start fresh
     ckpt.unlink()
     assert not common.want_resume(ns(False), ckpt)  # crashed before its first save: start fresh
 
