@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import common
 import data
-from model import PRESETS, NNCLRHead, VisionTransformer, encoder_state_dict
+from model import PRESETS, NNCLRHead, VisionTransformer, encoder_state_dict, pool
 
 METRICS = ("knn", "linear", "kmeans", "lowshot", "pictures")
 KEYS = ("knn10", "knn20", "linear", "linear_lr", "kmeans_acc_mean", "kmeans_acc_best", "nmi", "ari",
@@ -89,11 +89,6 @@ def parse_args(argv=None):
 
 
 # ---- features ----
-def pool(tokens, pooling):
-    """(B, 1+L, D) tokens after the final LN -> (B, D): the CLS token or the mean of the patch tokens."""
-    return tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(dim=1)
-
-
 @torch.no_grad()
 def extract_features(fn, imageset, img_size, proc, batch_size=256, num_workers=4):
     """fn(images) -> (B, D) on every image of `imageset`, un-augmented; returns (feats float32 (N, D), labels

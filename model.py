@@ -174,8 +174,12 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x, pooling="mean"):
         """Pooled feature (B, D): CLS token or mean of the patch tokens, both after the final LayerNorm."""
-        x = self.forward_features(x)
-        return x[:, 0] if pooling == "cls" else x[:, 1:].mean(dim=1)
+        return pool(self.forward_features(x), pooling)
+
+
+def pool(tokens, pooling):
+    """(B, 1+L, D) tokens after the final LN -> (B, D): the CLS token or the mean of the patch tokens."""
+    return tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(dim=1)
 
 
 # ---------------------------------------------------------------- MAE

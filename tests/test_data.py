@@ -185,6 +185,22 @@ def test_blur_probability_per_view():
     assert 0.04 < spread(data.color_augment(impulse, 1)) < 0.16  # view 1: blur p 0.1
 
 
+def test_grey_and_solarize_probability_per_view():
+    """Grey p 0.2 in both views, solarize p 0.2 in view 1 only. A saturated red stays coloured under the jitter
+    (saturation >= 0.8), so equal channels mean the grey op ran. A white image stays >= 0.6 under every other
+    op (brightness >= 0.6; contrast, saturation and hue leave a flat grey as it is), so < 0.5 means solarized."""
+    torch.manual_seed(0)
+    n = 2000
+    red = torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1).expand(n, 3, 8, 8)
+    white = torch.ones(n, 3, 8, 8)
+    for view in (0, 1):
+        v = data.color_augment(red, view)
+        grey = ((v - v[:, :1]).abs().amax(dim=(1, 2, 3)) < 1e-6).float().mean().item()
+        assert 0.16 < grey < 0.24, (view, grey)
+        solarized = (data.color_augment(white, view).amax(dim=(1, 2, 3)) < 0.5).float().mean().item()
+        assert (solarized == 0) if view == 0 else (0.16 < solarized < 0.24), (view, solarized)
+
+
 # ---- sharding ----
 
 def _toy_set(n, size=8):

@@ -187,6 +187,18 @@ def test_pos_embed_is_a_saved_buffer():
 
 
 # ---------------------------------------------------------------- attention
+def test_pooling_is_the_cls_token_or_the_mean_of_the_patch_tokens():
+    """After the final LayerNorm, CLS token first: "cls" takes it, "mean" averages the others without it."""
+    torch.manual_seed(0)
+    enc = VisionTransformer(**model_config("vit_nano", 16, 4, 3)).eval()
+    with torch.no_grad():
+        enc.cls_token.normal_()  # (zero at init: a mean that took it in would still differ, but by less)
+        x = torch.randn(2, 3, 16, 16)
+        tokens = enc.forward_features(x)  # (2, 1 + 16, D)
+        assert torch.allclose(enc(x, "cls"), tokens[:, 0]) and torch.allclose(enc(x, "mean"), tokens[:, 1:].mean(1))
+        assert not torch.allclose(enc(x, "mean"), tokens.mean(1), atol=1e-4)
+
+
 def test_attention_matches_naive_softmax():
     torch.manual_seed(0)
     B, T, D, h = 2, 5, 32, 4
