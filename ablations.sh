@@ -43,7 +43,7 @@ export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
 export E3_AUG=$E3  # MAE-CT_aug tunes as long as the other arms
 export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
 TOPKS=${TOPKS-1 5 10 20 50}; LAMBDAS=${LAMBDAS-1}; METRICS=${METRICS:-knn,linear}
-source ./eval_flags.sh  # a missing file stops here (set -e)
+source ./lib.sh  # a missing file stops here (set -e)
 eval_flags "$@"  # pass: the extra flags evaluate.py takes too
 cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl
@@ -52,20 +52,35 @@ mkdir -p "$A"
 pin=; if [ "$name" = smoke ]; then pin=mean; fi  # unset for cifar10_5k: its run folders' SETTINGS stay as they were
 POOLING=$pin AUG=1 bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (top-k $topk), RUN/ct_aug, RUN/eval_*
 
-run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the wall seconds); resume if begun
+run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the wall seconds); resume if begun.
+  # As reproduce.sh: DIR/SETTINGS keeps the command line, and a rerun with other settings (E3, STEPS, flags), or
+  # after the input stage was trained again (lib.sh), stops rather than reuse the arm.
   local dir=$1 script=$2; shift 2
+  local settings="$script $data --seed $SEED --batch_size $bs $*" input; input=$(arg_of --init_from "$@")
+  if [ -f "$dir/SETTINGS" ] && [ "$(cat "$dir/SETTINGS")" != "$settings" ]; then
+    echo "error: $dir was made with other settings ($(cat "$dir/SETTINGS")); use another RUN= or delete it" >&2; exit 2
+  fi
+  if ! made_from_current "$dir" "$input"; then
+    echo "error: $dir was made from an earlier $(dirname "$input"), trained again since; delete it or use another RUN=" >&2
+    exit 2
+  fi
   if [ -f "$dir/DONE" ]; then echo "== $dir: done already, skipped"; return; fi
   local resume=""; [ -f "$dir/ckpt.pt" ] && resume="--resume"
   echo "== $script -> $dir"
+  mkdir -p "$dir" && echo "$settings" > "$dir/SETTINGS" && record_from "$dir" "$input"
   local t0=$SECONDS
   python "$script" $data --seed "$SEED" --out_dir "$dir" --batch_size "$bs" $resume "$@"
-  echo $((SECONDS - t0)) > "$dir/DONE"
+  finish_stage "$dir" $((SECONDS - t0))
 }
-evaluate() {  # evaluate DIR CHECKPOINT FLAGS...
+evaluate() {  # evaluate DIR CHECKPOINT FLAGS...: skipped if done, unless the checkpoint was trained again since
   local dir=$1 ckpt=$2; shift 2
-  if [ -f "$dir/results.json" ]; then echo "== $dir: evaluated already, skipped"; return; fi
+  if [ -f "$dir/results.json" ]; then
+    if made_from_current "$dir" "$ckpt"; then echo "== $dir: evaluated already, skipped"; return; fi
+    echo "== $dir: $ckpt was trained again since; evaluating it again"; rm "$dir/results.json"
+  fi
   echo "== evaluate.py $ckpt $* -> $dir"
   python evaluate.py --init_from "$ckpt" $data --seed "$SEED" --out_dir "$dir" --metrics "$METRICS" "$@"
+  record_from "$dir" "$ckpt"
 }
 
 # ---- 1: the head's own embedding vs the frozen encoder's features (one stage-2 checkpoint) ----
@@ -102,6 +117,7 @@ res = lambda d: json.load(open(f"{d}/results.json"))
 log = lambda d: [json.loads(l) for l in open(f"{d}/log.jsonl") if l.strip() and "loss" in l]
 secs = lambda d: open(f"{d}/DONE").read().strip()
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
+row = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
 out = [f"# Ablations: {run} (dataset {res(f'{run}/eval_mae')['dataset']}, seed {seed}, stage epochs {E1}/{E2}/{E3})", ""]
 
 out += ["## 1. NNCLR head on the frozen MAE encoder: k-NN in each embedding (the encoder's from stage 1's evaluation, "
@@ -143,13 +159,12 @@ pick = sorted({s for s in logged if s in (5, 10) or (s % 20 == 0 and (s // 20) &
               | {max(d) for d in [head, *joints.values()] if d})
 out += ["", "NNCLR loss (and nn_acc: how often the looked-up neighbour has the query's class) during training; the "
         "stage-2 column is the same loss for the head on the frozen stage-1 encoder (logged every 20 steps).", "",
-        "| step | " + " | ".join(f"joint lambda={l}: nnclr_loss / mae_loss / nn_acc" for l in lambdas) + " | stage 2: loss / nn_acc |",
+        row(["step", *(f"joint lambda={l}: nnclr_loss / mae_loss / nn_acc" for l in lambdas), "stage 2: loss / nn_acc"]),
         "|---" * (len(lambdas) + 2) + "|"]
 for s in pick:
     cells = [(f"{j[s]['nnclr_loss']:.3f} / {j[s]['mae_loss']:.3f} / {j[s]['nn_acc']:.3f}" if s in j else "") for j in joints.values()]
     h = head.get(s)
-    hcell = f"{h['loss']:.3f} / {h['nn_acc']:.3f}" if h else ""
-    out.append(f"| {s} | " + " | ".join(cells) + f" | {hcell} |")
+    out.append(row([s, *cells, f"{h['loss']:.3f} / {h['nn_acc']:.3f}" if h else ""]))
 open(f"{run}/ablations.md", "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 EOF

@@ -31,7 +31,8 @@
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript
 # (session 9). Never run on a GPU: headscript (stage 2 in both compile modes, ~100 s; for a session with time to
-# spare). SEED picks the seed, E1/E2/E3 shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage.
+# spare). SEED picks the seed, E1/E2/E3 shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage (to the evaluations
+# those that evaluate.py takes).
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu_check}
@@ -41,7 +42,12 @@ export PYTHONUNBUFFERED=1
 
 # Fashion-MNIST in torchvision's raw layout
 mkdir -p .devdata/fm/FashionMNIST/raw
-for f in .devdata/fmgz/*.gz; do gunzip -c "$f" > ".devdata/fm/FashionMNIST/raw/$(basename "$f" .gz)"; done
+for f in .devdata/fmgz/*.gz; do
+  [ -e "$f" ] || continue  # none carried (PARTS=vitb, say): nothing to unpack
+  gunzip -c "$f" > ".devdata/fm/FashionMNIST/raw/$(basename "$f" .gz)"
+done
+source ./lib.sh
+eval_flags ${FM_FLAGS:-}  # pass: those of FM_FLAGS that evaluate.py takes too
 
 PARTS=${PARTS:-fmsweep}
 # name|stage-3 flags[|stage-2 flags];... Stage 3 always gets --queue_size 16384 --topk 20 --batch_size 1024 (the recipe)
@@ -115,8 +121,8 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on 
 }
 variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARIANTS="name|stage-3 flags[|stage-2
               # flags];...". Without stage-2 flags a variant tunes fmsweep's stage-2 head (runs/fm_gpu/head, kept on a
-              # warm machine); with them it first trains its own head from the chain's stage 1 (the recipe's stage 2,
-              # E2 epochs, plus those flags). Evaluated with k-NN and k-means. The first runs the seeding check once
+              # warm machine); with them it first trains its own head from the chain's stage 1 (the recipe's stage 2:
+              # E2 epochs, the recipe's pooling, the CLS token unless POOLING says otherwise, plus those flags). Evaluated with k-NN and k-means. The first runs the seeding check once
               # its input is there when RNG=1 (it passed in session 4). Processes share the GPU: their seconds are
               # not clean timings.
   local END=${1:-$((SECONDS + ${T5:-580}))}
@@ -138,12 +144,13 @@ variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARI
       if [ -n "$hflags" ]; then
         head=runs/fm_gpu/head_$name
         timeout "$(left)" python init_head.py $run --epochs "${E2:-20}" --init_from runs/fm_gpu/mae/ckpt.pt \
-            --out_dir "$head" $hflags ${FM_FLAGS:-} || { echo "variants: $name: stage 2 failed or ran out of time"; exit 1; }
+            --pooling "${POOLING:-cls}" --out_dir "$head" $hflags ${FM_FLAGS:-} \
+            || { echo "variants: $name: stage 2 failed or ran out of time"; exit 1; }
       fi
       timeout "$(left)" python contrastive_tune.py $run --topk 20 --init_from "$head/ckpt.pt" \
           --out_dir "runs/fm_gpu/$name" $flags ${FM_FLAGS:-} || { echo "variants: $name: stage 3 failed or ran out of time"; exit 1; }
       timeout "$(left)" python evaluate.py --init_from "runs/fm_gpu/$name/ckpt.pt" --dataset fashion_mnist \
-          --data_path .devdata/fm --seed ${SEED:-0} --metrics knn,kmeans --kmeans_seeds 5 --out_dir "runs/fm_gpu/eval_$name" ${FM_FLAGS:-}
+          --data_path .devdata/fm --seed ${SEED:-0} --metrics knn,kmeans --kmeans_seeds 5 --out_dir "runs/fm_gpu/eval_$name" "${pass[@]}"
     ) > "$OUT/$name.log" 2>&1 &
     pids+=($!); first=0
   done

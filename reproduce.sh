@@ -35,7 +35,8 @@
 # smoke (both arms) and cifar10_5k chains in 13% and ~7% less time). All visible GPUs are used through torchrun; with
 # --device cpu, none (each stage one CPU process, whatever GPUs are visible).
 # A rerun continues: a finished stage is skipped, an interrupted one resumes from its checkpoint; a rerun with other
-# settings for a stage stops with an error, and so does one of a run whose stages 2-3 were made before session 10
+# settings for a stage stops with an error, and so does a stage made from an earlier training of its input stage
+# (deleted and trained again; an evaluation is then simply redone: lib.sh), and one of a run whose stages 2-3 were made before session 10
 # (their code changed: AdamW beta2 0.95 and the head's default init; keep its stage 1 with MAE= in a new RUN=), and a
 # smoke run made before session 11 (the generated shapes are tiled since then: its stage 1 saw other images).
 set -euo pipefail
@@ -87,7 +88,7 @@ case $POOLING in
   ""|cls|mean) ;;
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the recipe's default)" >&2; exit 2 ;;
 esac
-source ./eval_flags.sh  # a missing file stops here (set -e)
+source ./lib.sh  # a missing file stops here (set -e)
 eval_flags "$@"  # pass: the extra flags evaluate.py takes too; dev: the --device given
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}; E3_AUG=${E3_AUG:-${e3aug:-$E3}}
 RUN=${RUN:-runs/${name}_s${SEED}}
@@ -135,23 +136,35 @@ stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume
       echo "error: $dir was made before session 10's stage-2/3 settings (AdamW beta2 0.95, the head's default" \
            "init); use another RUN= (MAE=$RUN/mae/ckpt.pt keeps a stage 1 trained there)" >&2
     else
-      echo "error: $dir was made with other settings ($(cat "$dir/SETTINGS")); use another RUN= or delete it" >&2
+      echo "error: $dir was made with other settings ($(cat "$dir/SETTINGS")); use another RUN= or delete it and" \
+           "the stages after it" >&2
     fi
+    exit 2
+  fi
+  # The same settings, but its input stage was trained again since (lib.sh): neither skip nor resume it.
+  local input; input=$(arg_of --init_from "$@")
+  if ! made_from_current "$dir" "$input"; then
+    echo "error: $dir was made from an earlier $(dirname "$input"), trained again since; delete $dir and the stages" \
+         "after it, or use another RUN=" >&2
     exit 2
   fi
   if [ -f "$dir/DONE" ]; then echo "== $dir: done already, skipped"; return; fi
   local resume=""; [ -f "$dir/ckpt.pt" ] && resume="--resume"
   echo "== $script -> $dir"
-  mkdir -p "$dir" && echo "$settings" > "$dir/SETTINGS"
+  mkdir -p "$dir" && echo "$settings" > "$dir/SETTINGS" && record_from "$dir" "$input"
   local t0=$SECONDS
   "${launch[@]}" "$script" $data --seed "$SEED" --out_dir "$dir" $resume "$@"
-  echo $((SECONDS - t0)) > "$dir/DONE"
+  finish_stage "$dir" $((SECONDS - t0))
 }
-evaluate() {  # evaluate NAME CHECKPOINT
+evaluate() {  # evaluate NAME CHECKPOINT: skipped if done, unless the checkpoint's stage was trained again since
   local dir=$RUN/$1
-  if [ -f "$dir/results.json" ]; then echo "== $dir: evaluated already, skipped"; return; fi
+  if [ -f "$dir/results.json" ]; then
+    if made_from_current "$dir" "$2"; then echo "== $dir: evaluated already, skipped"; return; fi
+    echo "== $dir: $2 was trained again since; evaluating it again"; rm "$dir/results.json"
+  fi
   echo "== evaluate.py $2 -> $dir"
   "${launch[@]}" evaluate.py --init_from "$2" $data --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
+  record_from "$dir" "$2"
 }
 
 ct_arm() {  # MAE-CT: the MAE's evaluation, then stage 2 and stage 3 with crop + flip, and their evaluation

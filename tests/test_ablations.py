@@ -3,12 +3,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, assert_same_state, load_ckpt, ok, run_here, run_script
+from conftest import REPO, assert_same_state, fake_python, load_ckpt, ok, recorded_calls, run_here, run_script
 from model import JointMAE, MaskedAutoencoder, model_config
 
 SYNTH = ["--dataset", "synthetic", "--model", "vit_nano", "--device", "cpu", "--batch_size", "32", "--pictures", "0",
@@ -219,3 +220,36 @@ def test_ablations_sh_refuses_a_given_mae_or_another_pooling(tmp_path):
     r = subprocess.run(["bash", "ablations.sh", "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env=dict(env, POOLING="cls"))
     assert r.returncode == 2 and "POOLING='cls'" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_ablations_sh_arms_made_from_an_earlier_head_or_other_settings_are_not_reused(tmp_path):
+    """Its arms keep their settings and the head they were made from (lib.sh), as reproduce.sh's stages: with a
+    fake python that records the stage calls (its results are too thin for the tables, so each call ends there)."""
+    work, run = tmp_path / "repo", tmp_path / "run"
+    work.mkdir()
+    for f in ("ablations.sh", "reproduce.sh", "lib.sh"):
+        shutil.copy(REPO / f, work / f)
+    fake_python(tmp_path / "bin")
+    calls = tmp_path / "calls.log"
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), "CALLS": str(calls),
+           "RUN": str(run), "TOPKS": "1", "LAMBDAS": ""}
+    ablate = lambda **e: subprocess.run(["bash", str(work / "ablations.sh"), "smoke", "--device", "cpu"],
+                                        capture_output=True, text=True, timeout=60, env={**env, **e})
+    ablate()  # every stage and arm, then the tables fail on the fake results
+    assert (run / "abl" / "ct_k1" / "FROM").read_text() == (run / "head" / "ID").read_text()
+    for d in ("head", "ct"):  # stage 2 again (as after a change of its settings), and what reproduce.sh made from it
+        shutil.rmtree(run / d)
+    calls.write_text("")
+    r = ablate()
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {run}/abl/ct_k1 was made from an earlier {run}/head, trained again since; delete it or use another RUN=")
+    assert [a[0] for a, _ in recorded_calls(calls)] == ["init_head.py", "contrastive_tune.py", "evaluate.py",
+                                                       "evaluate.py", "evaluate.py"]  # head, ct, eval_ct, f1 x 2
+    assert "abl/ct_k1" not in calls.read_text()
+    shutil.rmtree(run / "abl" / "ct_k1")
+    ablate()
+    for d in ("ct", "ct_aug"):  # reproduce.sh's stage-3 arms deleted, to tune for other epochs: they train again,
+        shutil.rmtree(run / d)
+    r = ablate(E3="7")  # but the arm made with the old ones stops the rerun
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: {run}/abl/ct_k1 was made with other settings (contrastive_tune.py --dataset synthetic")

@@ -12,7 +12,7 @@ from tests.conftest import REPO, fake_python, recorded_calls
 def run_gpu_check(tmp_path, **env):
     work = tmp_path / "repo"
     work.mkdir(parents=True, exist_ok=True)  # a second call reuses the copy, and its runs/ (a warm machine)
-    for f in ("gpu_check.sh", "reproduce.sh", "eval_flags.sh"):
+    for f in ("gpu_check.sh", "reproduce.sh", "lib.sh"):
         shutil.copy(REPO / f, work / f)
     bin_ = tmp_path / "bin"
     fake_python(bin_)
@@ -31,17 +31,19 @@ def run_gpu_check(tmp_path, **env):
 
 
 def flag(call, name):
-    return call[call.index(name) + 1]
+    """The value of the last `name` in the call: the one argparse keeps."""
+    return call[len(call) - call[::-1].index(name)]
 
 
 def test_fmsweep_runs_the_chain_and_a_variant_with_its_own_head(tmp_path):
-    calls, out, _ = run_gpu_check(tmp_path, SEED="2", E2="3",
-                               VARIANTS="cls|--crop_min 0.5 --epochs 40|--pooling cls; b|--epochs 2")
+    calls, out, _ = run_gpu_check(tmp_path, SEED="2", E2="3", FM_FLAGS="--compile 0 --num_workers 2",
+                               VARIANTS="cls|--crop_min 0.5 --epochs 40|--views aug; b|--epochs 2")
     scripts = [c[0] for c in calls]
     # the chain: stage 1, its evaluation, stage 2, MAE-CT and MAE-CT_aug with their evaluations
     assert scripts.count("pretrain_mae.py") == 1 and scripts.count("contrastive_tune.py") == 4
     cls_head = next(c for c in calls if c[0] == "init_head.py" and flag(c, "--out_dir").endswith("head_cls"))
-    assert flag(cls_head, "--pooling") == "cls" and flag(cls_head, "--epochs") == "3"  # E2 reaches the variant
+    # the recipe's stage 2 (its pooling, the CLS token, and E2) plus the variant's flags
+    assert flag(cls_head, "--pooling") == "cls" and flag(cls_head, "--epochs") == "3" and flag(cls_head, "--views") == "aug"
     assert flag(cls_head, "--init_from") == "runs/fm_gpu/mae/ckpt.pt" and flag(cls_head, "--seed") == "2"
     cls_ct = next(c for c in calls if c[0] == "contrastive_tune.py" and flag(c, "--out_dir") == "runs/fm_gpu/cls")
     assert flag(cls_ct, "--init_from") == "runs/fm_gpu/head_cls/ckpt.pt"
@@ -53,6 +55,9 @@ def test_fmsweep_runs_the_chain_and_a_variant_with_its_own_head(tmp_path):
                                     and flag(c, "--out_dir") == "runs/fm_gpu/head")  # it waited for that head
     evals = [flag(c, "--out_dir") for c in calls if c[0] == "evaluate.py"]
     assert "runs/fm_gpu/eval_cls" in evals and "runs/fm_gpu/eval_b" in evals
+    # FM_FLAGS reach every training run, and the evaluations only the flags evaluate.py takes
+    assert all(flag(c, "--compile") == "0" for c in calls if c[0] != "evaluate.py")
+    assert all("--compile" not in c and flag(c, "--num_workers") == "2" for c in calls if c[0] == "evaluate.py")
     assert (out / "fm.log").exists() and (out / "cls.log").exists()
 
 
@@ -115,7 +120,7 @@ def test_the_next_sessions_calls_a_seed_4_chain_then_80_tuning_epochs_beside_its
     # call 1 of the header: the chain, its two arms side by side; suppose its deadline cut MAE-CT_aug's evaluation
     calls, _, _ = run_gpu_check(tmp_path, SEED="4", ARMS="parallel")
     assert {flag(c, "--seed") for c in calls} == {"4"}
-    assert {flag(c, "--data_path") for c in calls} == {".devdata/fm"}  # the evaluations' too (eval_flags.sh)
+    assert {flag(c, "--data_path") for c in calls} == {".devdata/fm"}  # the evaluations' too (lib.sh)
     assert (tmp_path / "out" / "fm_arm_aug.log").exists() and "this call took" in (tmp_path / "out" / "fm.log").read_text()
     (tmp_path / "repo" / "runs" / "fm_gpu" / "eval_ct_aug" / "results.json").unlink()
     # call 2: the chain finished (that evaluation only) and the 80-epoch stage 3 from the chain's head, evaluated
@@ -137,7 +142,9 @@ def test_keep_continues_a_cut_off_chain_and_a_plain_call_starts_afresh(tmp_path)
     assert done == []
     (tmp_path / "repo" / "runs" / "fm_gpu" / "ct_aug" / "DONE").unlink()  # as if the deadline cut MAE-CT_aug
     again = run_gpu_check(tmp_path, KEEP="1")[0]
-    assert [(c[0], flag(c, "--out_dir")) for c in again] == [("contrastive_tune.py", "runs/fm_gpu/ct_aug")]
+    # that stage runs again, and so does its evaluation, which was of the earlier training (reproduce.sh's lib.sh)
+    assert [(c[0], flag(c, "--out_dir")) for c in again] == [("contrastive_tune.py", "runs/fm_gpu/ct_aug"),
+                                                              ("evaluate.py", "runs/fm_gpu/eval_ct_aug")]
     fresh = run_gpu_check(tmp_path)[0]  # without KEEP the chain starts over
     assert [c[0] for c in fresh].count("pretrain_mae.py") == 1
 

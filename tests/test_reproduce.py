@@ -72,7 +72,7 @@ def fake_reproduce(tmp_path, recipe, ngpu, flags=("--data_path", "d"), **env):
     command in tmp_path/calls.log (a second call reuses the copy and its run folder, tmp_path/run)."""
     work, bin_ = tmp_path / "repo", tmp_path / "bin"
     work.mkdir(parents=True, exist_ok=True)
-    for f in ("reproduce.sh", "eval_flags.sh"):
+    for f in ("reproduce.sh", "lib.sh"):
         shutil.copy(REPO / f, work / f)
     fake_python(bin_)
     calls = tmp_path / "calls.log"
@@ -186,6 +186,29 @@ def test_a_copied_stage_1_is_reused_in_a_new_run_folder(tmp_path):
     assert scripts == ["init_head.py", "contrastive_tune.py", "evaluate.py"] and "pretrain_mae.py ->" not in r.stdout
     head = next(args for args, _ in recorded_calls(calls) if args[0] == "init_head.py")
     assert value(head, "--pooling") == "mean" and value(head, "--init_from") == f"{new}/mae/ckpt.pt"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_what_was_made_from_a_stage_trained_again_is_not_reused(tmp_path):
+    """A stage deleted after a change of settings and trained again: a later stage made from its earlier training
+    stops the rerun (not skipped, not resumed), and an evaluation of it is redone."""
+    run = tmp_path / "run"
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, AUG="0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "ct" / "FROM").read_text() == (run / "head" / "ID").read_text() != (run / "mae" / "ID").read_text()
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, AUG="0", E2="3")  # another stage 2: refused, as before
+    assert r.returncode == 2 and "delete it and the stages after it" in r.stderr
+    shutil.rmtree(run / "head")  # deleted, as the error says, but not the stages after it
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0", E2="3")
+    assert r.returncode == 2 and [a[0] for a, _ in recorded_calls(calls)] == ["init_head.py"]
+    assert r.stderr.strip() == f"error: {run / 'ct'} was made from an earlier {run / 'head'}, trained again since; " \
+                               f"delete {run / 'ct'} and the stages after it, or use another RUN="
+    shutil.rmtree(run / "ct")
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0", E2="3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(a[0], value(a, "--out_dir")) for a, _ in recorded_calls(calls)] == [
+        ("contrastive_tune.py", f"{run}/ct"), ("evaluate.py", f"{run}/eval_ct")]  # eval_mae is still current
+    assert f"{run}/ct/ckpt.pt was trained again since; evaluating it again" in r.stdout
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
