@@ -389,7 +389,9 @@ def args_dict(args):
 # ---------------------------------------------------------------- logging
 class Logger:
     """One progress line every `every` steps (step/total, loss, lr, img/s, ETA, memory) on rank 0, and one JSON
-    line per log/eval in OUT_DIR/log.jsonl. Call `step()` each step; values are only `.item()`-ed at log time."""
+    line per log/eval in OUT_DIR/log.jsonl. Call `step()` each step; values are only `.item()`-ed at log time.
+    img/s counts training images (images_per_step: the global batch), whatever the views each gets, so that
+    dataset size / img/s is an epoch's time in every stage."""
 
     def __init__(self, proc, out_dir, total_steps, start_step, images_per_step, every, last_step=None):
         self.proc, self.total, self.every, self.ips = proc, total_steps, every, images_per_step

@@ -135,7 +135,7 @@ def main():
     if proc.main:
         os.makedirs(args.out_dir, exist_ok=True)
     last_step = min(total_steps, args.max_steps or total_steps)
-    log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size * args.num_views, args.log_every, last_step)
+    log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size, args.log_every, last_step)
     save_every = args.save_every or steps_per_epoch
     gather = lambda x: common.gather(x, grad=True)
     model.train()
