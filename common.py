@@ -319,17 +319,21 @@ def want_resume(args, ckpt_path):
     """Resume from ckpt_path with --resume, or by itself when torchrun restarted this job after a crash
     (--max_restarts; torchrun sets TORCHELASTIC_RESTART_COUNT > 0 in the restarted workers) and the failed
     attempt got as far as a checkpoint. Otherwise start fresh. "This job's checkpoint": save_checkpoint records
-    torchrun's run id (TORCHELASTIC_RUN_ID), so an older run's checkpoint left in the folder is not continued when
-    the first attempt crashed before its first save. torchrun draws a fresh id for every single-node launch; a
-    multi-node job has the --rdzv_id it was given (default "none", shared by every job: pass a unique one)."""
+    torchrun's run id (TORCHELASTIC_RUN_ID), so that an older run's checkpoint left in the folder is not continued
+    when the first attempt crashed before its first save. The id is unique with `torchrun --standalone`, and with a
+    unique --rdzv_id on several nodes; otherwise it is "none" for every job (also a plain single-node torchrun on
+    torch releases before mid-2026), and any checkpoint in the folder is taken as this job's, as before session 19."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     if args.resume or not restarted or not os.path.isfile(ckpt_path):
         return bool(args.resume)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id == "none":  # shared by every job: this job's checkpoint cannot be told from an older run's
+        return True
     try:  # mmap: reads the small key, not the weights
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("torchrun_id")
     except Exception:
         return False  # unreadable: not a checkpoint this job wrote (those are renamed into place whole)
-    return saved == os.environ.get("TORCHELASTIC_RUN_ID")
+    return saved == run_id
 
 
 def check_batch(batch_size, n_train):

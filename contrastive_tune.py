@@ -165,7 +165,7 @@ def main():
         ckpt = common.load_checkpoint(ckpt_path, stages=["ct"])
         if (encoder_ema is not None) != ("encoder_ema" in ckpt):
             raise common.UserError(f"{ckpt_path} was {'not ' if encoder_ema is not None else ''}trained with "
-                                   "--encoder_ema; resume it with the same setting")
+                                   "--encoder_ema; resume it with the EMA on or off as it was")
         common.load_strict(model, ckpt["model"], ckpt_path)
         common.load_optimizer(opt, ckpt["optimizer"])
         if encoder_ema is not None:

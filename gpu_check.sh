@@ -46,7 +46,7 @@ for f in .devdata/fmgz/*.gz; do
   [ -e "$f" ] || continue  # none carried (PARTS=vitb, say): nothing to unpack
   gunzip -c "$f" > ".devdata/fm/FashionMNIST/raw/$(basename "$f" .gz)"
 done
-source ./lib.sh
+source ./lib.sh || exit 1  # (no set -e here: a part that fails must not stop the others)
 eval_flags ${FM_FLAGS:-}  # pass: those of FM_FLAGS that evaluate.py takes too
 
 PARTS=${PARTS:-fmsweep}

@@ -1,5 +1,5 @@
-# Sourced by reproduce.sh and ablations.sh: which extra flags evaluate.py takes, and what a run folder's stages were
-# made from.
+# Sourced by reproduce.sh, ablations.sh and gpu_check.sh: which extra flags evaluate.py takes, and what a run
+# folder's stages were made from.
 
 # `eval_flags FLAGS...` sets the array `pass` to the extra flags that evaluate.py takes too; a training flag such as
 # --compile 0 or --crop_min would stop it. A flag left without its value is refused here, before any stage runs. It
@@ -20,9 +20,11 @@ eval_flags() {
 }
 
 # A finished stage gets DIR/ID, a token of that one training; a stage or an evaluation made from another stage's
-# checkpoint keeps that stage's ID in its DIR/FROM. If the input stage is trained again (deleted after a change of
-# settings, say), FROM no longer matches its ID, and what was made from the old one is not taken for current.
-# Folders made before these files existed (or a checkpoint from elsewhere, MAE=) have no ID: nothing to compare.
+# checkpoint keeps that stage's ID in its DIR/FROM (also when that checkpoint is another run folder's, MAE=). If the
+# input stage is trained again (deleted after a change of settings, say), FROM no longer matches its ID, and what was
+# made from the old one is not taken for current. A folder made before these files existed has no FROM: once its
+# input has an ID, that input was trained again since, so it is not current either. A checkpoint without an ID
+# beside it (an official MAE file; a stage of such an old folder) is current by definition.
 arg_of() {  # arg_of FLAG ARGS...: the value after the last FLAG in ARGS, empty if none
   local flag=$1 value= prev= a; shift
   for a in "$@"; do if [ "$prev" = "$flag" ]; then value=$a; fi; prev=$a; done
@@ -31,15 +33,17 @@ arg_of() {  # arg_of FLAG ARGS...: the value after the last FLAG in ARGS, empty 
 input_id() {  # input_id CHECKPOINT: the ID of the stage folder it is in, empty if none
   if [ -n "$1" ] && [ -f "$(dirname "$1")/ID" ]; then cat "$(dirname "$1")/ID"; fi
 }
-made_from_current() {  # made_from_current DIR CHECKPOINT: false if DIR was made from an earlier training of it
+made_from_current() {  # made_from_current DIR CHECKPOINT: false if DIR holds anything made from an earlier training
   local id; id=$(input_id "$2")
-  [ -z "$id" ] || [ ! -f "$1/FROM" ] || [ "$(cat "$1/FROM")" = "$id" ]
+  if [ -z "$id" ]; then return 0; fi
+  if [ -f "$1/FROM" ]; then [ "$(cat "$1/FROM")" = "$id" ]; return; fi
+  [ ! -e "$1/ckpt.pt" ] && [ ! -e "$1/DONE" ] && [ ! -e "$1/results.json" ]  # nothing made yet
 }
 record_from() {  # record_from DIR CHECKPOINT
   local id; id=$(input_id "$2")
   if [ -n "$id" ]; then echo "$id" > "$1/FROM"; fi
 }
 finish_stage() {  # finish_stage DIR SECONDS: DONE holds the wall seconds of the call that finished it
+  echo "$(date +%s%N)-$$-$RANDOM" > "$1/ID"  # first: a kill between the two leaves an ID without DONE (resumed)
   echo "$2" > "$1/DONE"
-  echo "$(date +%s%N)-$$-$RANDOM" > "$1/ID"
 }

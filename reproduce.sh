@@ -108,7 +108,8 @@ if [ "$graphs" = 1 ] && [ "$ngpu" -le 1 ]; then  # measured on one GPU, not unde
   if [ "$GRAPHS" != none ]; then mae_extra="$mae_extra --compile_mode reduce-overhead"; fi
   if [ "$GRAPHS" = all ]; then ct_extra="--compile_mode reduce-overhead"; fi
 fi
-if [ "$ngpu" -gt 1 ]; then launch=(torchrun --nproc_per_node="$ngpu"); else launch=(python); fi
+# --standalone: a free port and a run id of this launch's own (two chains on one machine do not collide)
+if [ "$ngpu" -gt 1 ]; then launch=(torchrun --standalone --nproc_per_node="$ngpu"); else launch=(python); fi
 # Where the run's stage 1 comes from (RUN/MAE): trained here, or a given file. A rerun that says otherwise stops here,
 # before it would train a stage 1 that the later stages do not use or tune a head on another encoder than the table's.
 origin=${MAE:-trained here}

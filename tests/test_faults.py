@@ -220,6 +220,9 @@ def test_want_resume(monkeypatch, tmp_path):
     assert common.want_resume(ns(False), ckpt)  # job-a restarted after its save: continue it
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
     assert not common.want_resume(ns(False), ckpt)  # job-b crashed before its first save: job-a's file is not its own
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without --standalone: one id for every job,
+    assert common.want_resume(ns(False), ckpt)  # so any checkpoint is taken as this job's (as before session 19)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
     ckpt.write_bytes(b"x")
     assert not common.want_resume(ns(False), ckpt)  # unreadable: start fresh
     ckpt.unlink()

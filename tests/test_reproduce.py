@@ -209,6 +209,15 @@ def test_what_was_made_from_a_stage_trained_again_is_not_reused(tmp_path):
     assert [(a[0], value(a, "--out_dir")) for a, _ in recorded_calls(calls)] == [
         ("contrastive_tune.py", f"{run}/ct"), ("evaluate.py", f"{run}/eval_ct")]  # eval_mae is still current
     assert f"{run}/ct/ckpt.pt was trained again since; evaluating it again" in r.stdout
+    # a folder made before session 19 has no ID or FROM files: once its head is trained again, its ct is stale too
+    old = tmp_path / "old"
+    assert fake_reproduce(tmp_path, "smoke", 0, AUG="0", RUN=str(old))[0].returncode == 0
+    for f in [*old.glob("*/ID"), *old.glob("*/FROM")]:
+        f.unlink()
+    assert fake_reproduce(tmp_path, "smoke", 0, AUG="0", RUN=str(old))[0].returncode == 0  # without IDs: all current
+    shutil.rmtree(old / "head")
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, AUG="0", RUN=str(old))
+    assert r.returncode == 2 and f"error: {old / 'ct'} was made from an earlier {old / 'head'}, trained again" in r.stderr
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
