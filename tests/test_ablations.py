@@ -15,7 +15,7 @@ from model import JointMAE, MaskedAutoencoder, model_config
 SYNTH = ["--dataset", "synthetic", "--model", "vit_nano", "--device", "cpu", "--batch_size", "32", "--pictures", "0",
          "--epochs", "1", "--log_every", "1"]
 HEAD = ["--proj_hidden", "32", "--proj_dim", "16", "--pred_hidden", "32", "--queue_size", "64"]
-PLAIN_KEYS = {"stage", "config", "model", "optimizer", "step", "epoch", "seed", "args"}
+PLAIN_KEYS = {"stage", "config", "model", "optimizer", "step", "epoch", "seed", "args", "torchrun_id"}  # (common.want_resume)
 
 
 def _log(path):
