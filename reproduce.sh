@@ -101,7 +101,7 @@ GRAPHS=${GRAPHS:-all}
 case $GRAPHS in all|mae|none) ;; *) echo "error: GRAPHS='$GRAPHS' (all, mae or none)" >&2; exit 2 ;; esac
 ARMS=${ARMS:-serial}
 case $ARMS in serial|parallel) ;; *) echo "error: ARMS='$ARMS' (serial or parallel)" >&2; exit 2 ;; esac
-if [ "$ARMS" = parallel ] && [ "$ngpu" -gt 1 ]; then  # two torchruns on one node would also clash on their port
+if [ "$ARMS" = parallel ] && [ "$ngpu" -gt 1 ]; then
   echo "error: ARMS=parallel is for one GPU (or CPU); with $ngpu GPUs each arm already uses them all" >&2; exit 2
 fi
 if [ "$graphs" = 1 ] && [ "$ngpu" -le 1 ]; then  # measured on one GPU, not under DDP

@@ -126,8 +126,9 @@ def fake_python(bin_dir):
     """Write the fake `python` and a `torchrun` that runs it with a trailing --launched_by_torchrun into bin_dir."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "python").write_text(FAKE_PYTHON.format(real=sys.executable))
-    (bin_dir / "torchrun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'  # torchrun's own flags
-                                      'exec python "$@" --launched_by_torchrun\n')
+    (bin_dir / "torchrun").write_text(  # refuses a launch without --standalone (reproduce.sh's port and run id)
+        '#!/bin/bash\n[[ " $* " == *" --standalone "* ]] || { echo "fake torchrun: no --standalone" >&2; exit 1; }\n'
+        'while [[ $1 == --* ]]; do shift; done\nexec python "$@" --launched_by_torchrun\n')  # its own flags dropped
     for f in ("python", "torchrun"):
         (bin_dir / f).chmod(0o755)
 
