@@ -74,10 +74,7 @@ run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the w
 }
 evaluate() {  # evaluate DIR CHECKPOINT FLAGS...: skipped if done, unless the checkpoint was trained again since
   local dir=$1 ckpt=$2; shift 2
-  if [ -f "$dir/results.json" ]; then
-    if made_from_current "$dir" "$ckpt"; then echo "== $dir: evaluated already, skipped"; return; fi
-    echo "== $dir: $ckpt was trained again since; evaluating it again"; rm "$dir/results.json"
-  fi
+  if evaluated_already "$dir" "$ckpt"; then return; fi
   echo "== evaluate.py $ckpt $* -> $dir"
   python evaluate.py --init_from "$ckpt" $data --seed "$SEED" --out_dir "$dir" --metrics "$METRICS" "$@"
   record_from "$dir" "$ckpt"

@@ -31,8 +31,8 @@
 # RNG=1 adds the CUDA-graph seeding check to a VARIANTS run (PARTS=rng runs it alone). Measured in earlier sessions (BENCHMARKS.md, RESULTS.md):
 # vitt (ViT-T benchmarks, CUDA graphs), vitb (ViT-B/16 vs the official recipe), ctgraphs (session 8), ctscript
 # (session 9). Never run on a GPU: headscript (stage 2 in both compile modes, ~100 s; for a session with time to
-# spare). SEED picks the seed, E1/E2/E3 shorten the chain (a variant's stage 3 takes its epochs from its flags), FM_FLAGS go to every stage (to the evaluations
-# those that evaluate.py takes).
+# spare). SEED picks the seed, E1/E2/E3 shorten the chain (a variant's stage 3 takes its epochs from its flags),
+# FM_FLAGS go to every stage (to the evaluations those that evaluate.py takes).
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu_check}
@@ -122,8 +122,9 @@ fmsweep() {  # the recipe's chain (the RESULTS row) and `variants` beside it on 
 variants() {  # [DEADLINE] stage-3 variants, one process each, all at once: VARIANTS="name|stage-3 flags[|stage-2
               # flags];...". Without stage-2 flags a variant tunes fmsweep's stage-2 head (runs/fm_gpu/head, kept on a
               # warm machine); with them it first trains its own head from the chain's stage 1 (the recipe's stage 2:
-              # E2 epochs, the recipe's pooling, the CLS token unless POOLING says otherwise, plus those flags). Evaluated with k-NN and k-means. The first runs the seeding check once
-              # its input is there when RNG=1 (it passed in session 4). Processes share the GPU: their seconds are
+              # E2 epochs, the recipe's pooling, the CLS token unless POOLING says otherwise, plus those flags).
+              # Evaluated with k-NN and k-means. The first runs the seeding check once its input is there when RNG=1
+              # (it passed in session 4). Processes share the GPU: their seconds are
               # not clean timings.
   local END=${1:-$((SECONDS + ${T5:-580}))}
   local pids=() first=1 v name flags hflags

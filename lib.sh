@@ -39,6 +39,12 @@ made_from_current() {  # made_from_current DIR CHECKPOINT: false if DIR holds an
   if [ -f "$1/FROM" ]; then [ "$(cat "$1/FROM")" = "$id" ]; return; fi
   [ ! -e "$1/ckpt.pt" ] && [ ! -e "$1/DONE" ] && [ ! -e "$1/results.json" ]  # nothing made yet
 }
+evaluated_already() {  # evaluated_already DIR CHECKPOINT: true (and says so) if DIR/results.json is of CHECKPOINT as
+  # it is now; one of an earlier training of it is removed, so that the evaluation runs again
+  [ -f "$1/results.json" ] || return 1
+  if made_from_current "$1" "$2"; then echo "== $1: evaluated already, skipped"; return 0; fi
+  echo "== $1: $2 was trained again since; evaluating it again"; rm "$1/results.json"; return 1
+}
 record_from() {  # record_from DIR CHECKPOINT
   local id; id=$(input_id "$2")
   if [ -n "$id" ]; then echo "$id" > "$1/FROM"; fi

@@ -159,10 +159,7 @@ stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume
 }
 evaluate() {  # evaluate NAME CHECKPOINT: skipped if done, unless the checkpoint's stage was trained again since
   local dir=$RUN/$1
-  if [ -f "$dir/results.json" ]; then
-    if made_from_current "$dir" "$2"; then echo "== $dir: evaluated already, skipped"; return; fi
-    echo "== $dir: $2 was trained again since; evaluating it again"; rm "$dir/results.json"
-  fi
+  if evaluated_already "$dir" "$2"; then return; fi
   echo "== evaluate.py $2 -> $dir"
   "${launch[@]}" evaluate.py --init_from "$2" $data --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
   record_from "$dir" "$2"
