@@ -413,7 +413,7 @@ class JointMAE(nn.Module):
         imgs = torch.cat(views)  # (2n, C, H, W): the same masking draws as a plain MAE with two views
         latent, mask, ids_restore = self.mae.forward_features(imgs, mask_ratio=mask_ratio)  # (2n, 1+K, D)
         mae_loss = self.mae.forward_loss(imgs, self.mae.forward_decoder(latent, ids_restore), mask)
-        pooled = latent[:, 0] if self.pooling == "cls" else latent[:, 1:].mean(dim=1)  # (2n, D), visible tokens
+        pooled = pool(latent, self.pooling)  # (2n, D), of the visible tokens
         proj, pred = zip(*(self.head(f) for f in pooled.chunk(2)))  # BN per view
         with torch.no_grad():
             z = [F.normalize(p.detach().float(), dim=1) for p in proj]

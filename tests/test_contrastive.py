@@ -330,12 +330,14 @@ def test_reduce_overhead_compiles_the_whole_forward_as_one_graph(chain, tmp_path
     monkeypatch.undo()
     # compiled for real (on CPU: no CUDA graphs, but the same single graph) against eager; top-1 lookup (stage 2
     # always), so that no random draw differs between inductor's random stream and eager's: the same training up to
-    # float rounding
+    # float rounding. The timeout allows a cold inductor cache (a fresh machine): the compiled run alone took ~60 s then
+    # on a slow 2-core machine, and past 120 s beside the other pytest worker under torch 2.11
     runs = {}
     for name, flags in [("eager", ["--compile", "0"]), ("graph", ["--compile", "1", "--compile_mode", "reduce-overhead"])]:
         r = run_script(script, *stage_args(chain, script), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
                 "--device", "cpu", "--warmup_epochs", "0.1", "--max_steps", "3", "--log_every", "1",
-                *(["--topk", "1"] if script == "contrastive_tune.py" else []), *flags, "--out_dir", tmp_path / name)
+                *(["--topk", "1"] if script == "contrastive_tune.py" else []), *flags, "--out_dir", tmp_path / name,
+                timeout=400)
         assert r.returncode == 0, r.stderr[-2000:]
         log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
         runs[name] = ([x["loss"] for x in log], torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"])
