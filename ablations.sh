@@ -95,6 +95,7 @@ for k in $TOPKS; do
   evaluate "$A/eval_ct_k$k" "$A/ct_k$k/ckpt.pt" "${pass[@]}"
 done
 # reproduce.sh's MAE-CT_aug is this arm: same stage 1, top-k and epochs; as the authors, its own head on colour views
+# (cifar10_5k's recipe tunes it at encoder blr 1e-3, the top-k arms at the paper's 1e-4: its table row says so)
 ln -sfn ../ct_aug "$A/ct_aug"; ln -sfn ../eval_ct_aug "$A/eval_ct_aug"
 
 # ---- 3: joint MAE + lambda * NNCLR from scratch, the budget of the whole sequential recipe ----
@@ -132,7 +133,9 @@ out += ["", f"## 2. Contrastive tuning, {E3} epochs each, from the same head (th
         "top-k lookup vs hand-made augmentation", "",
         "| arm | k-NN@10 | k-NN@20 | linear | final NNCLR loss | final nn_acc | train s |", "|---|---|---|---|---|---|---|"]
 arms = [(f"top-{k}, crop+flip" + (" (reproduce.sh stage 3)" if k == topk else ""), f"ct_k{k}") for k in topks]
-arms.append((f"top-{topk}, BYOL colour views, head_blr 5e-4, its own colour-view head (reproduce.sh MAE-CT_aug)",
+aug_flags = open(f"{run}/ct_aug/SETTINGS").read().replace("--blr=", "--blr ").split()  # reproduce.sh's command line
+blr = "".join([f", encoder blr {v}" for f, v in zip(aug_flags, aug_flags[1:]) if f == "--blr"][-1:])  # the last counts
+arms.append((f"top-{topk}, BYOL colour views, head_blr 5e-4{blr}, its own colour-view head (reproduce.sh MAE-CT_aug)",
              "ct_aug"))
 for label, d in arms:
     r, last = res(f"{A}/eval_{d}"), log(f"{A}/{d}")[-1]

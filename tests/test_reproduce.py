@@ -120,6 +120,8 @@ def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, rec
         paper_aug = recipe.startswith("imagenet")
         assert [value(c, "--epochs") for c in cts] == (["20", "80"] if paper_aug else [value(cts[0], "--epochs")] * 2)
         assert [value(c, "--topk") for c in cts] == ([None] * 2 if paper_aug else [value(cts[0], "--topk")] * 2)
+        # cifar10_5k's MAE-CT_aug tunes at 10x the paper's lr (RESULTS.md, session 21); every other stage 3 at the paper's
+        assert [value(c, "--blr") for c in cts] == [None, "1e-3" if recipe == "cifar10_5k" else None]
         want = "reduce-overhead" if graphs and ngpu == 1 else None  # torchrun: never (contrastive_tune.py refuses it)
         assert [value(a, "--compile_mode") for a in [mae] + cts] == [want] * 3
         assert [value(h, "--pooling") for h in heads] == [pooling] * 2
@@ -133,11 +135,11 @@ def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, rec
             (head, _), = calls["init_head.py"]
             assert value(head, "--pooling") == "mean"
     # the recipe's own variables are not taken from the environment
-    calls = recipe_calls(tmp_path / "env", recipe, 2, AUG="0", ct_extra="--compile_mode reduce-overhead", pool="cls",
-                         graphs="1", mae_extra="--compile_mode reduce-overhead")
+    calls = recipe_calls(tmp_path / "env", recipe, 2, AUG="1", ct_extra="--compile_mode reduce-overhead", pool="cls",
+                         graphs="1", mae_extra="--compile_mode reduce-overhead", extra_ct_aug="--blr 5")
     assert all(value(a, "--compile_mode") is None for c in calls.values() for a, _ in c)
-    (head, _), = calls["init_head.py"]
-    assert value(head, "--pooling") == pooling
+    assert [value(a, "--blr") for a, _ in calls["contrastive_tune.py"]] == [value(c, "--blr") for c in cts]
+    assert [value(h, "--pooling") for h, _ in calls["init_head.py"]] == [pooling] * 2
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
