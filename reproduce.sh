@@ -15,10 +15,10 @@
 # Stages 2-3 run twice from the same stage 1: MAE-CT (crop + flip only, the paper's method) and MAE-CT_aug (plus the
 # BYOL colour pipeline in both stages, head lr 5e-4: the paper's variant, which matters most for small models; as the
 # authors, its head is trained on the colour views too, and stage 3 takes the views and the paper's _aug settings from
-# that head; cifar10_5k's at 10x the paper's encoder lr, below); the table has one row each. smoke runs MAE-CT only unless AUG=1: its MAE-CT_aug arm would take the
-# chain on 2 slow cores past 10 minutes (RESULTS.md, session 17). Extra flags go to every training stage (e.g.
-# --device cpu, --data_path); evaluate.py gets those it takes too (--device --data_path --img_size --num_workers
-# --precision; EVAL for its own).
+# that head; cifar10_5k's at 10x the paper's encoder lr, below); the table has one row each. smoke runs MAE-CT only
+# unless AUG=1: its MAE-CT_aug arm would take the chain on 2 slow cores past 10 minutes (RESULTS.md, session 17).
+# Extra flags go to every training stage (e.g. --device cpu, --data_path); evaluate.py gets those it takes too
+# (--device --data_path --img_size --num_workers --precision; EVAL for its own).
 # Environment: SEED (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3; E3_AUG,
 # MAE-CT_aug's stage 3, default E3, except the ImageNet recipes': the paper's 80, whatever E3 says), STEPS (cap every
 # stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0|1 (skip MAE-CT_aug or run it; default
