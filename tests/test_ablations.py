@@ -222,9 +222,9 @@ def test_ablations_sh_refuses_a_given_mae_or_another_pooling(tmp_path):
     assert r.returncode == 2 and "POOLING='cls'" in r.stderr and not (tmp_path / "run").exists()
 
 
-def test_ablations_sh_arms_made_from_an_earlier_head_or_other_settings_are_not_reused(tmp_path):
-    """Its arms keep their settings and the head they were made from (lib.sh), as reproduce.sh's stages: with a
-    fake python that records the stage calls (its results are too thin for the tables, so each call ends there)."""
+def fake_ablations(tmp_path, recipe="smoke"):
+    """ablations.sh `recipe` (top-1 arm, no joint arm) in a copy, with a fake python that records each stage call in
+    tmp_path/calls.log and leaves results just rich enough for the tables: returns (ablate(**env), run, calls)."""
     work, run = tmp_path / "repo", tmp_path / "run"
     work.mkdir()
     for f in ("ablations.sh", "reproduce.sh", "lib.sh"):
@@ -233,9 +233,29 @@ def test_ablations_sh_arms_made_from_an_earlier_head_or_other_settings_are_not_r
     calls = tmp_path / "calls.log"
     env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), "CALLS": str(calls),
            "RUN": str(run), "TOPKS": "1", "LAMBDAS": ""}
-    ablate = lambda **e: subprocess.run(["bash", str(work / "ablations.sh"), "smoke", "--device", "cpu"],
+    ablate = lambda **e: subprocess.run(["bash", str(work / "ablations.sh"), recipe, "--device", "cpu"],
                                         capture_output=True, text=True, timeout=60, env={**env, **e})
-    ablate()  # every stage and arm, then the tables fail on the fake results
+    return ablate, run, calls
+
+
+@pytest.mark.parametrize("recipe,label", [("smoke", "head_blr 5e-4, its own"),
+                                          ("cifar10_5k", "head_blr 5e-4, encoder blr 1e-3, its own")])
+def test_ablations_sh_aug_row_names_the_encoder_lr_it_was_tuned_at(tmp_path, recipe, label):
+    """Table 2's MAE-CT_aug row reads the encoder blr from reproduce.sh's command line for that stage: cifar10_5k
+    tunes it at 10x the paper's lr (RESULTS.md, session 21), smoke at the paper's, which the row then does not name."""
+    ablate, run, calls = fake_ablations(tmp_path, recipe)
+    ok(ablate())
+    row = next(line for line in (run / "ablations.md").read_text().splitlines() if "(reproduce.sh MAE-CT_aug)" in line)
+    assert f"| top-5, BYOL colour views, {label} colour-view head" in row, row  # both recipes look up the top 5
+    blrs = [a[a.index("--blr") + 1] for a, _ in recorded_calls(calls) if "ct_aug" in " ".join(a) and "--blr" in a]
+    assert blrs == (["1e-3"] if recipe == "cifar10_5k" else [])  # the label and the stage's own flag agree
+
+
+def test_ablations_sh_arms_made_from_an_earlier_head_or_other_settings_are_not_reused(tmp_path):
+    """Its arms keep their settings and the head they were made from (lib.sh), as reproduce.sh's stages: with a
+    fake python that records the stage calls."""
+    ablate, run, calls = fake_ablations(tmp_path)
+    ok(ablate())  # every stage and arm, and the tables
     assert (run / "abl" / "ct_k1" / "FROM").read_text() == (run / "head" / "ID").read_text()
     for d in ("head", "ct"):  # stage 2 again (as after a change of its settings), and what reproduce.sh made from it
         shutil.rmtree(run / d)
