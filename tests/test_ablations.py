@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO, assert_same_state, fake_python, load_ckpt, ok, recorded_calls, run_here, run_script
 from model import JointMAE, MaskedAutoencoder, model_config
@@ -46,6 +47,32 @@ def test_joint_model_shapes_and_gradients():
     ref = mae(torch.cat(views), mask_ratio=0.75)[0]
     torch.manual_seed(1)
     assert torch.equal(joint(views, torch.arange(8), 0.75, 0.15)[0], ref)
+
+
+def test_joint_nnclr_loss_is_symmetric_cross_view_with_queue_neighbours():
+    """The joint arm's NNCLR term recomputed by hand, as stages 2-3's (tests/test_contrastive.py): view a's nearest
+    neighbour in the queue against view b's prediction and the other way round, averaged, on the visible tokens."""
+    from model import pool
+    from tests.test_contrastive import brute_force_nn, plain_loss
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(**model_config("vit_nano", 32, 4, 3))
+    joint = JointMAE(mae, 64, "mean", 32, 16, 32)
+    g = torch.Generator().manual_seed(1)
+    joint.queue.embeddings.copy_(F.normalize(torch.randn(64, 16, generator=g), dim=1))
+    joint.queue.indices.copy_(torch.randint(0, 20, (64,), generator=g))  # some slots hold the batch's own images
+    views, idx = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)], torch.arange(8)
+    torch.manual_seed(2)
+    _, nnclr, z0, _ = joint(views, idx, 0.75, 0.15)
+    torch.manual_seed(2)  # the same masks
+    with torch.no_grad():
+        latent, _, _ = mae.forward_features(torch.cat(views), mask_ratio=0.75)  # (16, 1+16, D)
+        proj = [joint.head.projector(f) for f in pool(latent, "mean").chunk(2)]
+        pred = [F.normalize(joint.head.predictor(p), dim=1) for p in proj]
+        z = [F.normalize(p, dim=1) for p in proj]
+        nn = [joint.queue.embeddings[brute_force_nn(joint.queue, zz, idx)] for zz in z]
+    expected = (plain_loss(nn[0], pred[1], 0.15) + plain_loss(nn[1], pred[0], 0.15)) / 2
+    assert nnclr.item() == pytest.approx(expected, rel=1e-4)
+    assert torch.allclose(z0, z[0], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -131,13 +158,40 @@ def test_evaluate_projector_and_predictor_features(tmp_path, monkeypatch):
     ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path / "mae"))
     ok(run_here("init_head.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--dataset", "synthetic", "--device",
                 "cpu", "--batch_size", "32", "--max_steps", "3", *HEAD, "--out_dir", tmp_path / "head"))
+    knn10 = {}
     for feats, dim in [("encoder", 64), ("projector", 16), ("predictor", 16)]:
         out = tmp_path / f"eval_{feats}"
         ok(run_here("evaluate.py", "--init_from", tmp_path / "head" / "ckpt.pt", "--device", "cpu", "--metrics",
                        "knn", "--features", feats, "--out_dir", out))
         res = json.loads((out / "results.json").read_text())
         assert res["features"] == feats and res["feature_dim"] == dim and res["stage"] == "head"
-        assert 0 <= res["knn10"] <= 100
+        knn10[feats] = res["knn10"]
+    # each number is the k-NN of that output: recomputed from the checkpoint's encoder and head, in evaluate.py's
+    # batches (projector and predictor have the same width, so only their values tell them apart)
+    import common, evaluate
+    from model import NNCLRHead, VisionTransformer, pool
+    ck = load_ckpt(tmp_path / "head" / "ckpt.pt")
+    cfg, enc_sd = common.encoder_from_checkpoint(ck, "head")
+    encoder, a = VisionTransformer(**cfg).eval(), ck["args"]
+    encoder.load_state_dict(enc_sd)
+    head = NNCLRHead(cfg["embed_dim"], a["proj_hidden"], a["proj_dim"], a["pred_hidden"]).eval()
+    head.load_state_dict({k[5:]: v for k, v in ck["model"].items() if k.startswith("head.")})
+    outputs = {"encoder": lambda f: f, "projector": head.projector,
+               "predictor": lambda f: head.predictor(head.projector(f))}
+
+    def features(split, feats):
+        ds = data.load_split("synthetic", None, split, 32)
+        loader = data.ViewLoader(ds, 256, "eval", 1, 32, "cpu", shuffle=False, drop_last=False)
+        with torch.no_grad():
+            f = [outputs[feats](pool(encoder.forward_features(x), a["pooling"])) for _, (x,), _ in loader]
+        return torch.cat(f), ds.labels
+
+    expected = {}
+    for feats in outputs:
+        (tr, ytr), (va, yva) = features("train", feats), features("val", feats)
+        trn, van = evaluate.standardise(tr, va)
+        expected[feats] = evaluate.accuracy(evaluate.knn_predict(trn, ytr, van, 10, 10), yva)
+    assert knn10 == pytest.approx(expected) and len(set(expected.values())) == 3, (knn10, expected)
     # a stage-1 checkpoint has no head: refused with a message
     r = run_here("evaluate.py", "--init_from", tmp_path / "mae" / "ckpt.pt", "--device", "cpu", "--features",
                  "projector", "--out_dir", tmp_path / "x")

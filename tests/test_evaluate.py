@@ -2,6 +2,7 @@
 
     python -m pytest tests/test_evaluate.py -q
 """
+import argparse
 import dataclasses
 import itertools
 import json
@@ -108,6 +109,28 @@ def test_kmeans_recovers_blobs():
         centres, assign = E.kmeans(x, 6, seed=seed)
         assert E.cluster_acc(y, assign) == 1.0
         assert torch.equal(E.nearest(x, centres), assign)
+
+
+def test_run_metrics_gives_k_nn_and_k_means_the_train_standardised_features(monkeypatch):
+    """run_metrics standardises with the train statistics before k-NN and k-means, and fits k-means on the train
+    features only. The classes live in six small dimensions under a large offset and one loud noise dimension, so
+    cosine k-NN on the raw features is near chance and on the standardised ones near perfect."""
+    def features(noise_seed):  # the same class centres for train and val, other noise
+        x, y = blobs(50, 4, 6, seed=0, noise_seed=noise_seed)
+        loud = 100 * torch.randn(len(y), 1, generator=torch.Generator().manual_seed(noise_seed))
+        return torch.cat([0.01 * x, loud], dim=1) + 50, y
+    (tr, ytr), (va, yva) = features(1), features(2)
+    real, fits = E.kmeans, []
+    monkeypatch.setattr(E, "kmeans", lambda x, k, seed: (fits.append(x), real(x, k, seed=seed))[1])
+    args = argparse.Namespace(knn_k=[10], chunk=64, kmeans_seeds=2, seed=0)
+    res, _ = E.run_metrics(tr, ytr, va, yva, 4, args, ["knn", "kmeans"])
+    trn, van = E.standardise(tr, va)
+    assert res["knn10"] == E.accuracy(E.knn_predict(trn, ytr, van, 10, 4), yva) > 90
+    raw = E.accuracy(E.knn_predict(F.normalize(tr, dim=1), ytr, F.normalize(va, dim=1), 10, 4), yva)
+    assert raw < 50, raw  # so a k-NN on the unstandardised features would show
+    assert len(fits) == 2 and all(torch.equal(f, trn) for f in fits)  # k-means is fit on train, standardised
+    accs = [100 * E.cluster_acc(yva, E.nearest(van, real(trn, 4, seed=s)[0])) for s in (0, 1)]
+    assert res["kmeans_acc_mean"] == pytest.approx(np.mean(accs))  # and scored on val
 
 
 # ---- k-NN ----

@@ -156,6 +156,29 @@ def test_mae_forward_shapes_and_backward():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_decoder_puts_each_token_at_its_patch_and_adds_the_position_embedding():
+    """forward_decoder against a loop: each encoded token goes to the patch it came from (the k-th kept token to
+    patch ids_shuffle[k]), a mask token everywhere else, then the decoder's position embedding, blocks, norm, head."""
+    model = init_weights(nano()).eval()
+    torch.nn.init.normal_(model.mask_token, std=1.0)  # distinct from zero, so a misplaced mask token shows
+    torch.manual_seed(1)
+    latent, mask, ids_restore = model.forward_features(torch.randn(3, 3, 32, 32), mask_ratio=0.75)  # (3, 1+16, D)
+    with torch.no_grad():
+        x = model.decoder_embed(latent)  # (B, 1+K, Dd)
+        B, K, L = x.shape[0], x.shape[1] - 1, ids_restore.shape[1]
+        ids_shuffle = ids_restore.argsort(dim=1)  # position in patch order of the k-th token of the shuffled sequence
+        assert (mask.gather(1, ids_shuffle[:, :K]) == 0).all() and mask.sum() == B * (L - K)  # kept = the first K
+        seq = model.mask_token.expand(B, L, -1).clone()
+        for b in range(B):
+            for k in range(K):
+                seq[b, ids_shuffle[b, k]] = x[b, 1 + k]
+        seq = torch.cat([x[:, :1], seq], dim=1) + model.decoder_pos_embed  # (B, 1+L, Dd)
+        for blk in model.decoder_blocks:
+            seq = blk(seq)
+        expected = model.decoder_pred(model.decoder_norm(seq))[:, 1:]  # (B, L, p*p*C)
+        assert torch.allclose(model.forward_decoder(latent, ids_restore), expected, atol=1e-5)
+
+
 # ---------------------------------------------------------------- position embedding
 @pytest.mark.parametrize("dim,grid", [(8, 3), (16, 4)])
 def test_sincos_pos_embed_closed_form(dim, grid):

@@ -130,3 +130,15 @@ def test_short_run_logs_its_last_step(tmp_path):
     assert code == 0 and (out / "ckpt.pt").exists(), err
     assert "img/s" in stdout
     assert _log(out / "log.jsonl")[-1]["step"] == 2
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_peak_lr_counts_the_views(tmp_path, views):
+    """lr = blr * batch * views / 256: one view per image by default (facebookresearch/mae), two with --num_views 2
+    (the MAE-CT authors'), reached at the end of the warm-up: 64 images a step, 78 steps an epoch, warm-up 0.1 epoch
+    = 7 steps; step s runs at lr_at(s - 1), so the 8th logged step is the first at the peak."""
+    _ok(run_here("pretrain_mae.py", "--dataset", "synthetic", *SMALL, "--batch_size", "64", "--pictures", "0",
+                 "--epochs", "1", "--warmup_epochs", "0.1", "--max_steps", "8", "--log_every", "1", "--blr", "3e-4",
+                 "--num_views", views, "--out_dir", tmp_path))
+    lrs = [r["lr"] for r in _log(tmp_path / "log.jsonl") if "lr" in r]
+    assert lrs == pytest.approx([3e-4 * 64 * views / 256 * s / 7 for s in range(8)])
