@@ -133,6 +133,16 @@ def test_run_metrics_gives_k_nn_and_k_means_the_train_standardised_features(monk
     assert res["kmeans_acc_mean"] == pytest.approx(np.mean(accs))  # and scored on val
 
 
+def test_linear_probe_scores_each_val_image_on_its_own():
+    """At test time the probe's BatchNorm uses the running statistics of training (eval mode), so an image's
+    prediction does not depend on the other val images scored with it: one at a time gives the same accuracy."""
+    tr, ytr = blobs(40, 4, 8, seed=0, spread=4.0, noise_seed=1)  # overlapping classes: not every image right
+    va, yva = blobs(10, 4, 8, seed=0, spread=4.0, noise_seed=2)
+    full = E.linear_probe(tr, ytr, va, yva, 4, [0.1], 5, 32)
+    singles = [E.linear_probe(tr, ytr, va[i:i + 1], yva[i:i + 1], 4, [0.1], 5, 32)[0] for i in range(len(va))]
+    assert 0 < full[0] < 100 and full[0] == pytest.approx(np.mean(singles))
+
+
 # ---- k-NN ----
 def knn_loop(train_f, train_y, test_f, k, num_classes, T=0.07):
     preds = []
