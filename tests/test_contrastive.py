@@ -566,3 +566,55 @@ def test_similarities_and_loss_stay_fp32_under_bf16_autocast():
         loss = nnclr_loss(z, q.embeddings[:16], 0.1)
     assert torch.equal(slots, (z @ q.embeddings.T).argmax(dim=1))
     assert loss.dtype == torch.float32 and loss.item() == nnclr_loss(z, q.embeddings[:16], 0.1).item()
+
+
+def test_every_stage_tells_its_loader_the_epoch(tmp_path, monkeypatch):
+    """Each training loop passes the epoch to its loader, so every epoch draws a new permutation (a loop stuck at
+    set_epoch(0) would show the images in the same order every epoch, and resume would still equal itself):
+    256 generated images at batch 64 are 4 steps an epoch, so 9 steps run epochs 0, 1 and 2."""
+    import data
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", dict(train=256, val=64))
+    epochs, real = [], data.ViewLoader.set_epoch
+    monkeypatch.setattr(data.ViewLoader, "set_epoch", lambda self, epoch, start_batch=0: (
+        epochs.append(epoch), real(self, epoch, start_batch))[1])
+    run_args = ["--dataset", "synthetic", "--device", "cpu", "--batch_size", "64", "--epochs", "3", "--max_steps", "9"]
+    for script, extra in [("pretrain_mae.py", ["--model", "vit_nano", "--pictures", "0"]),
+                          ("init_head.py", ["--init_from", tmp_path / "pretrain_mae" / "ckpt.pt", *SMALL_HEAD]),
+                          ("contrastive_tune.py", ["--init_from", tmp_path / "init_head" / "ckpt.pt", "--topk", "3"])]:
+        epochs.clear()
+        r = run(script, *run_args, *extra, "--out_dir", tmp_path / script[:-3])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert epochs == [0, 1, 2], (script, epochs)
+
+
+def test_stage3_updates_both_emas_every_step_with_their_own_momentum(chain, tmp_path):
+    """After each optimiser step: target projector <- 0.99 target + 0.01 online projector (--target_ema) and EMA
+    encoder <- 0.9 EMA + 0.1 encoder (--encoder_ema 0.9), both starting from the stage-2 weights. Step 1's
+    checkpoint is kept, then the run resumes to step 2 (resume equals an uninterrupted run, a test above)."""
+    import shutil
+    ema = ["--encoder_ema", "0.9", "--save_every", "1", "--warmup_epochs", "0", "--blr", "1e-2",
+           "--head_blr", "1e-2"]  # steps that move the weights
+    assert ct(chain, tmp_path, "--max_steps", "1", *ema).returncode == 0
+    shutil.copy(tmp_path / "ckpt.pt", tmp_path / "step1.pt")
+    assert ct(chain, tmp_path, "--max_steps", "2", "--resume", *ema).returncode == 0
+    head = torch.load(chain / "head" / "ckpt.pt", weights_only=True)["model"]
+    c1, c2 = (torch.load(tmp_path / f, weights_only=True) for f in ("step1.pt", "ckpt.pt"))
+    assert (c1["step"], c2["step"]) == (1, 2)
+    params = [k[len("head.projector."):] for k in head
+              if k.startswith("head.projector.") and k.endswith(("weight", "bias"))]  # not BatchNorm's statistics
+    start = {k: head["head.projector." + k] for k in params}
+    for c in (c1, c2):
+        online = {k: c["model"]["head.projector." + k] for k in params}
+        expected = {k: 0.99 * start[k] + 0.01 * online[k] for k in params}
+        assert all((online[k] - start[k]).abs().max() > 1e-3 for k in params)  # so a skipped update would show
+        assert all(torch.allclose(c["model"]["target_projector." + k], expected[k], atol=1e-7) for k in params)
+        start = {k: c["model"]["target_projector." + k] for k in params}
+    enc = {k[len("encoder."):]: v for k, v in head.items() if k.startswith("encoder.")}
+    moved = 0
+    for c in (c1, c2):
+        expected = {k: 0.9 * v + 0.1 * c["model"]["encoder." + k] for k, v in enc.items()}
+        assert c["encoder_ema"].keys() == expected.keys()
+        assert all(torch.allclose(c["encoder_ema"][k], expected[k], atol=1e-7) for k in expected)
+        moved += sum(not torch.equal(c["encoder_ema"][k], enc[k]) for k in enc)
+        enc = c["encoder_ema"]
+    assert moved > 0  # the upper blocks trained, so the EMA moved

@@ -199,6 +199,11 @@ def test_grey_and_solarize_probability_per_view():
         assert 0.16 < grey < 0.24, (view, grey)
         solarized = (data.color_augment(white, view).amax(dim=(1, 2, 3)) < 0.5).float().mean().item()
         assert (solarized == 0) if view == 0 else (0.16 < solarized < 0.24), (view, solarized)
+    # and augment(), the in-memory path of every loader, gives view 0 view 0's settings and view 1 view 1's
+    v0, v1 = data.augment(torch.full((n, 3, 8, 8), 255, dtype=torch.uint8), "aug", 2, 8, torch.zeros(1, 3, 1, 1),
+                          torch.ones(1, 3, 1, 1))  # white crops of white images, normalised by the identity
+    solarized = [(v.amax(dim=(1, 2, 3)) < 0.5).float().mean().item() for v in (v0, v1)]
+    assert solarized[0] == 0 and 0.16 < solarized[1] < 0.24, solarized
 
 
 # ---- sharding ----

@@ -478,6 +478,13 @@ def test_ranks_get_different_data_and_augmentation():
     assert not torch.equal(batch(0, 1, shard=0)[1][0], w0[0])  # a new step draws new crops
     # no rank replays another rank's draws later in the run (ranks were once 7919 steps apart)
     assert not torch.equal(batch(1, 0, shard=0)[1][0], batch(0, 7919, shard=0)[1][0])
+    # nor does another seed replay this seed's draws a step later (the same images, seeded (1, 0, 0) and (0, 0, 1))
+    loader = data.ViewLoader(ds, 8, "minimal", 2, 32, "cpu", 0, 2, seed=0)
+    def draw(seed, step):
+        loader.set_epoch(0)
+        common.seed_step(seed, 0, step)
+        return next(iter(loader))[1][0]
+    assert not torch.equal(draw(1, 0), draw(0, 1)) and torch.equal(draw(0, 1), draw(0, 1))
 
 
 @pytest.mark.parametrize("script", ["pretrain_mae.py", "init_head.py", "contrastive_tune.py", "evaluate.py", "bench.py"])

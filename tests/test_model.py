@@ -179,6 +179,17 @@ def test_decoder_puts_each_token_at_its_patch_and_adds_the_position_embedding():
         assert torch.allclose(model.forward_decoder(latent, ids_restore), expected, atol=1e-5)
 
 
+def test_stage1_weight_decay_spares_tokens_biases_and_norms():
+    """MAE's recipe: weight decay on the weight matrices only; biases, norms and the 3-D cls/mask tokens none."""
+    mae = nano()
+    groups = common.decay_groups(mae.named_parameters(), 0.05)
+    names = {id(p): n for n, p in mae.named_parameters()}
+    decay, spared = ({names[id(p)] for p in g["params"]} for g in groups)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and decay | spared == set(names.values())
+    assert {"cls_token", "mask_token"} <= spared and not any(n.endswith("bias") or "norm" in n for n in decay)
+    assert all(n.endswith("weight") and mae.get_parameter(n).ndim >= 2 for n in decay)
+
+
 # ---------------------------------------------------------------- position embedding
 @pytest.mark.parametrize("dim,grid", [(8, 3), (16, 4)])
 def test_sincos_pos_embed_closed_form(dim, grid):
