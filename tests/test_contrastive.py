@@ -1,6 +1,7 @@
 """Stages 2 and 3: the queue lookup, the NNCLR loss, DDP equivalence, freezing, layer decay, EMA, resume, bad input."""
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -593,7 +594,6 @@ def test_stage3_updates_both_emas_every_step_with_their_own_momentum(chain, tmp_
     """After each optimiser step: target projector <- 0.99 target + 0.01 online projector (--target_ema) and EMA
     encoder <- 0.9 EMA + 0.1 encoder (--encoder_ema 0.9), both starting from the stage-2 weights. Step 1's
     checkpoint is kept, then the run resumes to step 2 (resume equals an uninterrupted run, a test above)."""
-    import shutil
     ema = ["--encoder_ema", "0.9", "--save_every", "1", "--warmup_epochs", "0", "--blr", "1e-2",
            "--head_blr", "1e-2"]  # steps that move the weights
     assert ct(chain, tmp_path, "--max_steps", "1", *ema).returncode == 0
