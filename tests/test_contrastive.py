@@ -410,6 +410,7 @@ def test_stage2_follows_the_authors_optimiser_init_and_views(chain, tmp_path):
         ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
         assert ckpt["args"]["views"] == views
         assert all(tuple(g["betas"]) == (0.9, 0.95) for g in ckpt["optimizer"]["param_groups"])
+        assert (ckpt["args"]["epochs"], ckpt["args"]["warmup_epochs"]) == (20, pytest.approx(4.0))  # 20% warm-up
     # the same seed replays the same views; the colour views give another first loss
     assert losses["a"] == losses["b"] != losses["c"]
     # torch's Linear init draws from U(+-1/sqrt(fan_in)); Xavier's bound for the predictor's last layer (32 -> 16)
@@ -427,6 +428,33 @@ def test_stage3_continues_the_heads_queue(chain, tmp_path):
     assert torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)["args"]["queue_size"] == 128
     r = ct(chain, tmp_path / "ct96", "--init_from", tmp_path / "head" / "ckpt.pt", "--batch_size", "96")
     assert_refused(r, tmp_path / "ct96", "the stage-2 head's queue (128) is not a multiple of --batch_size 96")
+
+
+def test_two_ranks_enqueue_the_global_batch_in_rank_order(needs_torchrun, chain, tmp_path):
+    """Stages 2 and 3 under torchrun --nproc_per_node=2: each step enqueues the whole global batch, both ranks'
+    halves gathered in rank order (the queue the lookup searches is the same on every rank), not the saving rank's
+    half alone. Checked against the sampler's shards: stage 2 fills slots 0-127 in two steps, then stage 3, which
+    keeps the head's queue, writes its first step into slots 128-191."""
+    import data
+    n = data.SYNTHETIC_SIZES["train"]
+    shard = lambda rank, epoch=0: data._shard_indices(n, 32, 2, rank, 0, epoch, True, True)  # 64 a step, 32 a rank
+    step = lambda s: torch.cat([shard(r)[32 * s:32 * (s + 1)] for r in (0, 1)])  # global batch s, rank order
+    flags = ["--dataset", "synthetic", "--batch_size", "64", "--device", "cpu", "--compile", "0", "--num_workers", "0"]
+    r = run_torchrun("init_head.py", "--init_from", chain / "mae.pt", *flags, *SMALL_HEAD, "--queue_size", "256",
+                     "--max_steps", "2", "--out_dir", tmp_path / "head", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = torch.load(tmp_path / "head" / "ckpt.pt", weights_only=True)["model"]
+    assert int(q["queue.ptr"]) == 128 and (q["queue.indices"][128:] == -1).all()
+    assert torch.equal(q["queue.indices"][:128], torch.cat([step(0), step(1)]))
+    assert torch.allclose(q["queue.embeddings"][:128].norm(dim=1), torch.ones(128), atol=1e-5)
+    r = run_torchrun("contrastive_tune.py", "--init_from", tmp_path / "head" / "ckpt.pt", *flags, "--topk", "3",
+                     "--max_steps", "1", "--out_dir", tmp_path / "ct", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q3 = torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)["model"]
+    assert int(q3["queue.ptr"]) == 192 and torch.equal(q3["queue.indices"][128:192], step(0))
+    assert torch.equal(q3["queue.embeddings"][:128], q["queue.embeddings"][:128])  # the head's entries kept
+    new = q3["queue.embeddings"][128:192]
+    assert not torch.allclose(new[:32], new[32:], atol=1e-3)  # rank 1's half is its own, not rank 0's twice
 
 
 def test_stage3_resume_equals_uninterrupted(chain, tmp_path):

@@ -185,6 +185,62 @@ def test_blur_probability_per_view():
     assert 0.04 < spread(data.color_augment(impulse, 1)) < 0.16  # view 1: blur p 0.1
 
 
+def test_colour_strengths_are_byols(monkeypatch):
+    """The draws color_augment hands on: ColorJitter(0.4, 0.4, 0.2, 0.1), i.e. brightness and contrast factors
+    in [0.6, 1.4], saturation in [0.8, 1.2], hue shifts in [-0.1, 0.1]; blur sigma in [0.1, 2.0] (BYOL, Table 6).
+    The probability tests above cannot see a strength: a halved one still jitters and blurs as often."""
+    seen = {}
+
+    def spy(name, fn):  # records fn's second argument (the factors, the sigmas), then calls it
+        def wrapped(x, drawn, *rest):
+            seen[name] = drawn
+            return fn(x, drawn, *rest)
+        monkeypatch.setattr(data, fn.__name__, wrapped)
+    spy("factors", data.color_jitter)
+    spy("sigma", data._gaussian_blur)
+    torch.manual_seed(0)
+    data.color_augment(torch.rand(4000, 3, 4, 4), 0)
+    for col, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+        f = seen["factors"][:, col]
+        assert lo <= f.min() < lo + 0.01 and hi - 0.01 < f.max() <= hi, (col, f.min(), f.max())
+    assert 0.1 <= seen["sigma"].min() < 0.11 and 1.99 < seen["sigma"].max() <= 2.0
+
+
+def test_crop_ratio_and_scales_are_the_references(monkeypatch):
+    """Both view paths crop with torchvision's RandomResizedCrop defaults (area 0.08-1, aspect 3/4-4/3) for the
+    stage-2/3 views, and with MAE's area 0.2-1 for stage 1 (facebookresearch/mae main_pretrain.py)."""
+    from torchvision import transforms as T
+    ref = T.RandomResizedCrop(32)
+    seen = []
+    boxes = data.random_resized_crop_boxes
+    monkeypatch.setattr(data, "random_resized_crop_boxes", lambda *a: seen.append(a[3:5]) or boxes(*a))
+    for views in ("mae", "minimal", "aug"):
+        data.augment(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), views, 1, 8, torch.zeros(1, 3, 1, 1),
+                     torch.ones(1, 3, 1, 1))
+    assert seen == [((0.2, 1.0), tuple(ref.ratio)), (tuple(ref.scale), tuple(ref.ratio)),
+                    (tuple(ref.scale), tuple(ref.ratio))]
+
+
+def test_file_backed_eval_view_is_the_standard_centre_crop(tmp_path):
+    """ImageNet-size folders are evaluated as every MAE/DINO evaluation does: Resize(S / 0.875, bicubic),
+    CenterCrop(S), ImageNet mean and std. Checked against that torchvision pipeline on odd-sized photos."""
+    from torchvision import transforms as T
+    torch.manual_seed(0)
+    ref = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    expect = []
+    for i, size in enumerate([(64, 48), (40, 90), (33, 33)]):
+        arr = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy()
+        (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / "train" / "a" / f"{i}.png")
+        expect.append(ref(Image.fromarray(arr)))
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    files = data.load_split("imagefolder", str(tmp_path), "train", 32, in_memory=False)
+    ev = data.ViewLoader(files, 3, "eval", 1, 32, "cpu", shuffle=False, drop_last=False, num_workers=0)
+    _, (v,), _ = next(iter(ev))
+    torch.testing.assert_close(v, torch.stack(expect), atol=1e-5, rtol=0)
+
+
 def test_grey_and_solarize_probability_per_view():
     """Grey p 0.2 in both views, solarize p 0.2 in view 1 only. A saturated red stays coloured under the jitter
     (saturation >= 0.8), so equal channels mean the grey op ran. A white image stays >= 0.6 under every other
