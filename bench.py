@@ -9,7 +9,7 @@ dataset + batched augmentation + step) on a dataset, for the MAE step and, with 
 a GradScaler, unfused AdamW, eager, loss.item() and a synchronize every step) and the same model in bf16
 compiled, so the ratio to the official recipe is measured on the same card in the same run.
 
-    python bench.py                      # CPU, CI-sized: vit_nano at 32 px
+    python bench.py --device cpu         # CPU, CI-sized: vit_nano at 32 px
     python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 --baseline
     python bench.py --device cuda --model vit_tiny --batch_size 1024 --end_to_end cifar10 --data_path data/
 

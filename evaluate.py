@@ -10,7 +10,7 @@ tokens); a stage-2/3 checkpoint with the pooling its head was trained on.
     # CIFAR-10, one GPU; the EMA encoder of a stage-3 run trained with --encoder_ema 0.9999
     python evaluate.py --init_from runs/ct_c10/ckpt.pt --dataset cifar10 --data_path data/ --encoder_ema
     # ImageNet, 8 GPUs (extraction is sharded; the metrics run on every rank, rank 0 writes)
-    torchrun --nproc_per_node=8 evaluate.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\
+    torchrun --standalone --nproc_per_node=8 evaluate.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\
         --data_path /data/imagenet --img_size 224 --probe_batch 4096
 
 What to expect: a trained encoder beats a random one on every metric; MAE features are good for the linear
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     g.add_argument("--img_size", type=int, default=None, help="input side (default and only valid value: the checkpoint's)")
     g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature (default: the head's pooling; both for stage-1 and official checkpoints)")
     g.add_argument("--features", default="encoder", choices=["encoder", "projector", "predictor"], help="which output to evaluate; projector/predictor need a stage-2/3 checkpoint")
-    g.add_argument("--encoder_ema", action="store_true", help="evaluate the EMA encoder weights of a stage-3 run (the paper reports these)")
+    g.add_argument("--encoder_ema", action="store_true", help="evaluate the EMA encoder weights of a stage-3 run (the paper's numbers most likely are)")
     g.add_argument("--metrics", default=",".join(METRICS), help="comma list of knn,linear,kmeans,lowshot,pictures; drop the slow ones for quick looks")
     g = p.add_argument_group("metric settings")
     g.add_argument("--knn_k", type=int, nargs="+", default=[10, 20], help="neighbour counts for k-NN (10: authors, 20: DINO)")

@@ -10,7 +10,7 @@ For MAE-CT_aug the authors train this head on the BYOL colour views (--views aug
     # CIFAR-10 on one GPU
     python init_head.py --init_from runs/mae_c10/ckpt.pt --dataset cifar10 --data_path data/ --out_dir runs/head_c10
     # ImageNet from the official MAE ViT-B/16 weights, 8 GPUs (paper: 20 epochs, batch 1024, queue 65536)
-    torchrun --nproc_per_node=8 init_head.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\
+    torchrun --standalone --nproc_per_node=8 init_head.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\
         --data_path /data/imagenet --img_size 224 --batch_size 1024 --out_dir runs/head_in1k
 
 The NN accuracy in the log (how often the looked-up neighbour has the query's label; monitoring only, labels are

@@ -3,21 +3,21 @@
 The encoder sees a random 25% of the patches; a light decoder predicts the normalised pixels of the other 75%.
 Only the loss on masked patches counts. The result is a rich but not object-clustered feature (see stage 2/3).
 
-    # CPU smoke run (about a minute): generated shapes, a 0.2M-parameter ViT
+    # CPU smoke run (about a minute): generated shapes, a ViT of 0.2M parameters (0.3M with the decoder)
     python pretrain_mae.py --dataset synthetic --model vit_nano --epochs 5 --out_dir runs/mae_smoke --device cpu
     # CIFAR-10, one GPU: ViT-T/4, 800 epochs (the data lives on the GPU, augmented there in batches)
     python pretrain_mae.py --dataset cifar10 --data_path data/ --model vit_tiny --epochs 800 --out_dir runs/mae_c10
     # ImageNet-100 (or ImageNet), 8 GPUs: ViT-B/16 at 224 px
-    torchrun --nproc_per_node=8 pretrain_mae.py --dataset imagefolder --data_path /data/imagenet100 \\
+    torchrun --standalone --nproc_per_node=8 pretrain_mae.py --dataset imagefolder --data_path /data/imagenet100 \\
         --model vit_base --patch_size 16 --img_size 224 --batch_size 1024 --epochs 800 --out_dir runs/mae_in100
 
     # Ablation (MAE-CT's third check, ablations.sh): MAE and NNCLR together from the start, loss = MAE + 1.0 * NNCLR
     python pretrain_mae.py --dataset synthetic --model vit_nano --epochs 5 --nnclr_weight 1 --out_dir runs/joint --device cpu
 
-What to expect (measured, RESULTS.md and BENCHMARKS.md): `reproduce.sh smoke`'s 30 epochs take ~110 s on 2 CPU
-cores. Fashion-MNIST, ViT-T/4, 100 epochs, batch 1024, --compile_mode reduce-overhead on one H200: 221 s at ~79,000
-img/s, about half of it compiling from a cold cache; its CLS token then reaches k-NN@10 84-87 and k-means ACC 57-61
-(raw pixels, issue 6's anchor: 86.6 / 54.9).
+What to expect (measured, RESULTS.md and BENCHMARKS.md): `reproduce.sh smoke`'s 30 epochs take 3.5-4 min on 2 idle
+CPU cores (205-238 s, sessions 16-23). Fashion-MNIST, ViT-T/4, 100 epochs, batch 1024, --compile_mode
+reduce-overhead on one H200: 221 s at ~79,000 img/s, about half of it compiling from a cold cache; its CLS token
+then reaches k-NN@10 84-87 and k-means ACC 57-61 (raw pixels, issue 6's anchor: 86.6 / 54.9).
 
 Writes OUT_DIR/ckpt.pt (stage "mae") every epoch, log.jsonl and recon_*.png (val images | masked | output).
 Kill it at any time and rerun with --resume: the run continues as if never interrupted.

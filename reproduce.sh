@@ -19,7 +19,7 @@
 # unless AUG=1: its MAE-CT_aug arm would take the chain on 2 slow cores past 10 minutes (RESULTS.md, session 17).
 # Extra flags go to every training stage (e.g. --device cpu, --data_path); evaluate.py gets those it takes too
 # (--device --data_path --img_size --num_workers --precision; EVAL for its own).
-# Environment: SEED (default 0), RUN (run folder, default runs/DATASET_sSEED), E1/E2/E3 (epochs of stages 1/2/3; E3_AUG,
+# Environment: SEED (default 0), RUN (run folder, default runs/RECIPE_sSEED), E1/E2/E3 (epochs of stages 1/2/3; E3_AUG,
 # MAE-CT_aug's stage 3, default E3, except the ImageNet recipes': the paper's 80, whatever E3 says), STEPS (cap every
 # stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0|1 (skip MAE-CT_aug or run it; default
 # 1, smoke 0), POOLING=cls|mean (the encoder feature stages 2 and 3 tune and the table leads with; default the recipe's:
