@@ -111,15 +111,65 @@ def test_kmeans_recovers_blobs():
         assert torch.equal(E.nearest(x, centres), assign)
 
 
+def test_nearest_is_the_euclidean_argmin():
+    """k-means assigns by |q - c|^2 = |q|^2 - 2 q.c + |c|^2; the k-means test above compares nearest() with itself."""
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(500, 8, generator=g), torch.randn(10, 8, generator=g) * 2
+    assert torch.equal(E.nearest(x, c), torch.cdist(x, c).argmin(dim=1))
+    assert torch.equal(E.nearest(x, c, chunk=64), E.nearest(x, c))
+
+
+def test_run_metrics_reports_the_best_lr_the_mean_and_the_best_k_means_run(monkeypatch):
+    """Which number goes where: the probe's best lr (and its accuracy), the best lr of the 1% and 10% probes, one
+    k-means run per seed (seed, seed + 1, ...), mean ACC/NMI/ARI over the runs and the ACC-best run's own NMI/ARI.
+    The probe and the clustering scores are scripted, so each key has a value no other choice would give."""
+    tr, ytr = blobs(50, 4, 6, seed=0)
+    va, yva = blobs(20, 4, 6, seed=0, noise_seed=3)
+    probes = {200: [10.0, 70.0, 30.0], 4: [1.0, 2.0, 3.0], 20: [4.0, 6.0, 5.0]}  # by train size: all, 1%, 10%
+    monkeypatch.setattr(E, "linear_probe", lambda f, y, *a: probes[len(y)])
+    seeds, scores = [], iter([(0.5, 0.9, 0.1), (0.6, 0.2, 0.3)])  # (ACC, NMI, ARI) of run 1, run 2
+    monkeypatch.setattr(E, "kmeans", lambda x, k, seed: (seeds.append(seed), (x[:k], None))[1])
+    now = {}
+    monkeypatch.setattr(E, "cluster_acc", lambda y, a: now.update(v=next(scores)) or now["v"][0])
+    monkeypatch.setattr(E, "nmi", lambda y, a: now["v"][1])
+    monkeypatch.setattr(E, "ari", lambda y, a: now["v"][2])
+    args = argparse.Namespace(kmeans_seeds=2, seed=7, probe_lrs=[0.1, 1.0, 3.0], probe_epochs=1, probe_batch=32)
+    res, _ = E.run_metrics(tr, ytr, va, yva, 4, args, ["linear", "kmeans"])
+    assert (res["linear"], res["linear_lr"], res["pct1"], res["pct10"]) == (70.0, 1.0, 3.0, 6.0)
+    assert seeds == [7, 8]
+    assert (res["kmeans_acc_mean"], res["nmi"], res["ari"]) == pytest.approx((55, 55, 20))
+    assert (res["kmeans_acc_best"], res["nmi_best"], res["ari_best"]) == pytest.approx((60, 20, 30))
+
+
+def test_lowshot_fits_the_standardised_features_of_three_fixed_splits(monkeypatch):
+    tr, ytr = blobs(50, 4, 6, seed=0)
+    va, yva = blobs(20, 4, 6, seed=0, noise_seed=3)
+    tr, va = tr + 50, va + 50  # off-centre: standardising changes them
+    splits, fits = [], []
+    real = E.fewshot_indices
+    monkeypatch.setattr(E, "fewshot_indices", lambda y, n, seed: (splits.append((n, seed)), real(y, n, seed))[1])
+    monkeypatch.setattr(E, "logistic_regression",
+                        lambda a, y, b, C, l2: (fits.append((a, b)), torch.zeros(len(b), dtype=torch.long))[1])
+    E.run_metrics(tr, ytr, va, yva, 4, argparse.Namespace(lowshot_l2=1e-3), ["lowshot"])
+    trn, van = E.standardise(tr, va)
+    assert splits == [(shots, split) for shots in (1, 2, 5) for split in range(3)]
+    assert all(torch.equal(b, van) for _, b in fits)
+    assert torch.equal(fits[0][0], trn[real(ytr, 1, 0)])
+
+
+def hidden_classes(noise_seed):
+    """Features whose classes show only after standardising: four classes in six small dimensions, under a large
+    offset and beside one loud noise dimension. The same class centres for every noise_seed (train and val)."""
+    x, y = blobs(50, 4, 6, seed=0, noise_seed=noise_seed)
+    loud = 100 * torch.randn(len(y), 1, generator=torch.Generator().manual_seed(noise_seed))
+    return torch.cat([0.01 * x, loud], dim=1) + 50, y
+
+
 def test_run_metrics_gives_k_nn_and_k_means_the_train_standardised_features(monkeypatch):
     """run_metrics standardises with the train statistics before k-NN and k-means, and fits k-means on the train
     features only. The classes live in six small dimensions under a large offset and one loud noise dimension, so
     cosine k-NN on the raw features is near chance and on the standardised ones near perfect."""
-    def features(noise_seed):  # the same class centres for train and val, other noise
-        x, y = blobs(50, 4, 6, seed=0, noise_seed=noise_seed)
-        loud = 100 * torch.randn(len(y), 1, generator=torch.Generator().manual_seed(noise_seed))
-        return torch.cat([0.01 * x, loud], dim=1) + 50, y
-    (tr, ytr), (va, yva) = features(1), features(2)
+    (tr, ytr), (va, yva) = hidden_classes(1), hidden_classes(2)
     real, fits = E.kmeans, []
     monkeypatch.setattr(E, "kmeans", lambda x, k, seed: (fits.append(x), real(x, k, seed=seed))[1])
     args = argparse.Namespace(knn_k=[10], chunk=64, kmeans_seeds=2, seed=0)
@@ -165,6 +215,16 @@ def test_standardise_uses_the_train_statistics():
     expected = F.normalize((val_f - train_f.mean(0)) / (train_f.std(0) + 1e-6), dim=1)
     assert torch.allclose(val_n, expected, atol=1e-6)
     assert not torch.allclose(val_n, E.standardise(val_f)[0], atol=1e-2)  # its own statistics give other features
+    train_f[:, 2] = 7.0  # a dead feature (std 0) stays finite instead of turning every feature into NaN
+    assert all(torch.isfinite(f).all() for f in E.standardise(train_f, val_f))
+
+
+def test_metric_defaults_are_the_documented_ones():
+    """k = 10 (the authors' code) and 20 (DINO), 10 k-means restarts, the probe's lr sweep: results.json numbers
+    are comparable across runs only while these stay as README and RESULTS.md give them."""
+    a = E.parse_args(["--init_from", "x"])
+    assert (a.knn_k, a.kmeans_seeds, a.probe_epochs) == ([10, 20], 10, 100)
+    assert a.probe_lrs == [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
 
 
 def test_knn_equals_loop_and_chunking():
@@ -182,6 +242,39 @@ def test_knn_equals_loop_and_chunking():
 
 
 # ---- linear probe and low-shot ----
+def test_linear_probe_equals_torch_sgd_with_autograd():
+    """The probe's hand-written step (softmax - one-hot gradient, momentum 0.9, 10% warm-up + cosine, BatchNorm
+    without affine on the batch) equals torch.optim.SGD on autograd's gradient of the same model from the same
+    draws: initial weights, then one permutation per epoch. Off-centre, overlapping classes, so a wrong gradient,
+    momentum, schedule or normalisation changes the val accuracy. At most one val image may differ (rounding)."""
+    def reference(tr, ytr, va, yva, classes, lr, epochs, bs):
+        g = torch.Generator().manual_seed(0)
+        bn = torch.nn.BatchNorm1d(tr.shape[1], affine=False)
+        W = (torch.randn(1, tr.shape[1], classes, generator=g) * 0.01)[0].requires_grad_()
+        b = torch.zeros(classes, requires_grad=True)
+        opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9)
+        steps = len(tr) // bs
+        total = epochs * steps
+        for step in range(total):
+            if step % steps == 0:
+                perm = torch.randperm(len(tr), generator=g)
+            i = perm[step % steps * bs:(step % steps + 1) * bs]
+            opt.zero_grad()
+            F.cross_entropy(bn(tr[i]) @ W + b, ytr[i]).backward()
+            opt.param_groups[0]["lr"] = lr * common.lr_at(step, total, int(0.1 * total), 1.0)
+            opt.step()
+        bn.eval()
+        with torch.no_grad():
+            return E.accuracy((bn(va) @ W + b).argmax(dim=1), yva)
+    tr, ytr = blobs(100, 5, 16, seed=0, spread=6.0, noise_seed=1)
+    va, yva = blobs(100, 5, 16, seed=0, spread=6.0, noise_seed=2)
+    tr, va = tr * 3 + 20, va * 3 + 20
+    for lr in (0.03, 0.3, 3.0):
+        got, = E.linear_probe(tr, ytr, va, yva, 5, [lr], 4, 32)
+        want = reference(tr, ytr, va, yva, 5, lr, 4, 32)
+        assert 30 < want < 100 and abs(got - want) <= 100 / len(yva) + 1e-9, (lr, got, want)
+
+
 def test_linear_probe_separable():
     x, y = blobs(100, 4, 16, seed=1, spread=1.0)
     xv, yv = blobs(50, 4, 16, seed=1, spread=1.0, noise_seed=99)  # same centres, new noise
@@ -202,6 +295,8 @@ def test_fewshot_splits():
     assert not torch.equal(E.fewshot_indices(labels, 5, seed=0), E.fewshot_indices(labels, 5, seed=1))
     frac = E.fewshot_indices(labels, 0.1, seed=0)
     assert torch.bincount(labels[frac], minlength=4).tolist() == [2, 1, 1, 3]  # round(10%), at least one
+    odd = torch.tensor([0] * 18 + [1] * 12)  # 1.8 and 1.2 images: rounded to 2 and 1 (floor would give 1 and 1)
+    assert torch.bincount(odd[E.fewshot_indices(odd, 0.1, seed=0)]).tolist() == [2, 1]
 
 
 def test_lowshot_logistic_regression():
@@ -225,6 +320,16 @@ def test_extract_features_in_dataset_order():
 def first_n(imageset, n):
     """The first n images of an in-memory ImageSet."""
     return dataclasses.replace(imageset, images=imageset.images[:n], labels=imageset.labels[:n])
+
+
+def test_knn_eval_standardises_like_evaluate(monkeypatch):
+    """The training scripts' --eval_every k-NN scores the features as evaluate.py does (train-standardised)."""
+    feats = iter([hidden_classes(1), hidden_classes(2)])
+    monkeypatch.setattr(E, "extract_features", lambda *a, **k: next(feats))
+    enc = torch.nn.Linear(1, 1)  # stands in for the encoder: extraction is scripted
+    enc.grid, enc.patch_size = 8, 4
+    split = argparse.Namespace(classes=list(range(4)))
+    assert E.knn_eval(enc, split, split, CPU, ks=(10,))["knn10"] > 90  # raw cosine k-NN: < 50 (test above)
 
 
 def test_knn_eval_restores_mode_and_ignores_decoder():
