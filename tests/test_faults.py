@@ -401,7 +401,7 @@ def two_steps(tmp_path_factory):
 
 
 @pytest.mark.parametrize("blr,steps,text", [
-    ("1e30", 4, "non-finite loss at step 4"),  # finite but huge: step 3's update blows up, step 4's loss is inf
+    ("1e30", 4, "non-finite loss at step 4"),  # finite but huge: step 3's update blows up, step 4's loss is NaN
     ("inf", 3, "non-finite weights at step 3"),  # step 3's loss is finite, the update after it is not
 ], ids=["huge_lr_nan_loss", "inf_lr_nan_weights"])
 def test_nonfinite_stops_and_keeps_last_good_checkpoint(two_steps, blr, steps, text):

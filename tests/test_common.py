@@ -1,0 +1,56 @@
+"""common.py's small pieces whose mistakes a stage run would not show: the model-init seed, the progress line's
+img/s and ETA, the non-finite stop and the strict-load message. CPU, under a second."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import common
+from model import VisionTransformer, model_config
+
+
+def test_setup_seeds_the_model_init_with_the_runs_seed():
+    """Seeds differ in their initial weights too, not only in their data order and crops (seed_step): the
+    seed-to-seed spread in RESULTS.md depends on it."""
+    with torch.random.fork_rng():
+        inits = []
+        for seed in (7, 7, 8):
+            common.setup(argparse.Namespace(device="cpu", batch_size=8, seed=seed, precision=None, compile=None))
+            assert torch.initial_seed() == seed
+            inits.append(torch.nn.Linear(4, 4).weight.detach().clone())
+    assert torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])
+
+
+def test_progress_line_counts_the_images_since_the_last_line(monkeypatch, tmp_path, capsys):
+    """A run resumed at step 40 logs every 10 steps of 10 images: its first line's img/s counts the 10 steps
+    since the resume (not 50), the next the 10 since the first line, and the ETA is for the steps left to
+    --max_steps (60), not to the schedule's end (100)."""
+    clock = iter([0.0, 5.0, 5.0, 6.0, 6.0])  # start; first line at 5 s; second line 1 s later
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    proc = common.Proc(0, 1, torch.device("cpu"), torch.float32)
+    log = common.Logger(proc, tmp_path, total_steps=100, start_step=40, images_per_step=10, every=10, last_step=60)
+    log(50, loss=1.0)
+    log(60, loss=1.0)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["img_per_s"] for r in lines] == [20.0, 100.0]
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("step 50/100 loss 1") and "| 20 img/s | ETA 0.1 min |" in first  # 100 images at 20/s
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_stops_on_nan_and_on_inf(value):
+    common.check_finite(torch.tensor(1.5), 3, "ckpt.pt")  # a finite loss passes
+    with pytest.raises(common.UserError, match="non-finite loss at step 3: stopping; the last good checkpoint is ckpt.pt"):
+        common.check_finite(torch.tensor(value), 3, "ckpt.pt")
+
+
+def test_load_strict_names_what_is_missing_unexpected_or_misshapen():
+    enc = VisionTransformer(**model_config("vit_nano", 32, 4, 3))
+    sd = dict(enc.state_dict())
+    sd.pop("norm.weight")
+    sd["extra"] = torch.zeros(1)
+    sd["norm.bias"] = torch.zeros(3)
+    with pytest.raises(common.UserError, match=r"^f.pt does not match the model: missing \['norm.weight'\]; "
+                                               r"unexpected \['extra'\]; wrong shape \['norm.bias \(3,\) vs \(64,\)'\]$"):
+        common.load_strict(enc, sd, "f.pt")
