@@ -154,6 +154,9 @@ def test_mae_forward_shapes_and_backward():
     loss.backward()
     # every parameter is used (mask_token and decoder included)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # every LayerNorm, the decoder's too, has MAE's eps 1e-6 (the timm comparison below sees the encoder only)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * (4 + 2) + 2 and all(m.eps == 1e-6 for m in norms)
 
 
 def test_decoder_puts_each_token_at_its_patch_and_adds_the_position_embedding():

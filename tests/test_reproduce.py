@@ -173,6 +173,57 @@ def test_smoke_runs_mae_ct_only_unless_aug_is_1(tmp_path):
     assert not (tmp_path / "bad" / "run").exists()
 
 
+# recipe: stage epochs E1, E2, E3 (E3 of MAE-CT_aug), queue, stage 3's top-k and crop_min (None: the script's default),
+# as README.md and RESULTS.md give them; warm-ups are derived: E1/20 + 1, E2/5, E3/5
+RECIPE_VALUES = {
+    "smoke": (30, 10, 10, 10, 2048, "5", None), "cifar10_5k": (100, 20, 100, 100, 1024, "5", None),
+    "fashion_mnist": (100, 20, 40, 40, 16384, "20", "0.5"), "cifar10": (800, 20, 20, 20, 16384, "20", None),
+    "cifar100": (800, 20, 20, 20, 16384, "20", None), "imagenet100": (800, 20, 20, 80, 65536, None, None),
+    "imagenet": (800, 20, 20, 80, 65536, None, None)}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("recipe", RECIPE_VALUES)
+def test_recipe_epochs_warmups_queue_and_lookup(tmp_path, recipe):
+    """Each recipe's stage budgets and lookup, so that a changed recipe is a deliberate change (its RESULTS.md
+    numbers were measured with these); the other tests only check that both arms agree with each other."""
+    e1, e2, e3, e3aug, queue, topk, crop = RECIPE_VALUES[recipe]
+    calls = recipe_calls(tmp_path, recipe, 1, AUG="1")
+    (mae, _), = calls["pretrain_mae.py"]
+    assert (value(mae, "--epochs"), value(mae, "--warmup_epochs")) == (str(e1), str(e1 // 20 + 1))
+    arm = lambda script, name: next(a for a, _ in calls[script] if value(a, "--out_dir").endswith("/" + name))
+    for head, ct, epochs in [(arm("init_head.py", "head"), arm("contrastive_tune.py", "ct"), e3),
+                             (arm("init_head.py", "head_aug"), arm("contrastive_tune.py", "ct_aug"), e3aug)]:
+        assert (value(head, "--epochs"), value(head, "--warmup_epochs")) == (str(e2), str(e2 // 5))
+        assert (value(ct, "--epochs"), value(ct, "--warmup_epochs")) == (str(epochs), str(epochs // 5))
+        assert value(head, "--queue_size") == value(ct, "--queue_size") == str(queue)
+        assert (value(ct, "--topk"), value(ct, "--crop_min")) == (topk, crop)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_an_interrupted_stage_resumes_and_the_table_puts_each_number_in_its_column(tmp_path):
+    """A stage killed before it finished (its checkpoint there, no DONE) is continued with --resume, and nothing
+    else runs again; the final table takes each column from its own key (k-means: the mean over restarts) and
+    lists the tuned pooling's MAE first."""
+    run = tmp_path / "run"
+    assert fake_reproduce(tmp_path, "smoke", 0, AUG="0")[0].returncode == 0
+    (run / "ct" / "DONE").unlink()
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(a[0], value(a, "--out_dir"), "--resume" in a) for a, _ in recorded_calls(calls)] == [
+        ("contrastive_tune.py", f"{run}/ct", True), ("evaluate.py", f"{run}/eval_ct", False)]
+    keys = ["knn10", "knn20", "linear", "kmeans_acc_mean", "nmi", "ari"]
+    res = lambda first, pooling: dict({k: first + i for i, k in enumerate(keys)}, kmeans_acc_best=99.0, pooling=pooling)
+    (run / "eval_mae" / "results.json").write_text(json.dumps({"cls": res(10, "cls"), "mean": res(20, "mean")}))
+    (run / "eval_ct" / "results.json").write_text(json.dumps(res(30, "mean")))
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0")  # everything skipped: the table again
+    assert r.returncode == 0 and recorded_calls(calls) == [], r.stderr[-2000:]
+    assert [line for line in (run / "table.md").read_text().splitlines() if line.startswith("| MAE")] == [
+        "| MAE | 20.0 | 21.0 | 22.0 | 23.0 | 24.0 | 25.0 |",  # mean pooling: the one stage 3 tuned
+        "| MAE (CLS token) | 10.0 | 11.0 | 12.0 | 13.0 | 14.0 | 15.0 |",
+        "| MAE-CT | 30.0 | 31.0 | 32.0 | 33.0 | 34.0 | 35.0 |"]
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_copied_stage_1_is_reused_in_a_new_run_folder(tmp_path):
     """A stage 1 and its evaluation copied into a new RUN (as RESULTS.md's runs tune one MAE two ways) are skipped
@@ -220,6 +271,10 @@ def test_what_was_made_from_a_stage_trained_again_is_not_reused(tmp_path):
     shutil.rmtree(old / "head")
     r, _ = fake_reproduce(tmp_path, "smoke", 0, AUG="0", RUN=str(old))
     assert r.returncode == 2 and f"error: {old / 'ct'} was made from an earlier {old / 'head'}, trained again" in r.stderr
+    shutil.rmtree(old / "ct")  # and its old evaluation, also without FROM, is not taken for the new ct's
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0", RUN=str(old))
+    assert r.returncode == 0 and f"{old}/ct/ckpt.pt was trained again since; evaluating it again" in r.stdout
+    assert [value(a, "--out_dir") for a, _ in recorded_calls(calls)] == [f"{old}/ct", f"{old}/eval_ct"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
