@@ -5,7 +5,7 @@ dataset order, and every metric then runs on the stored features, so even the li
 minutes. A stage-1 MAE or an official MAE file is evaluated with BOTH poolings (CLS token and mean of patch
 tokens); a stage-2/3 checkpoint with the pooling its head was trained on.
 
-    # CPU smoke run on generated shapes (vit_nano: ~10 s; see the OMP note below)
+    # CPU smoke run on generated shapes (vit_nano: ~20 s; see the OMP note below)
     OMP_NUM_THREADS=1 python evaluate.py --init_from runs/mae_smoke/ckpt.pt --dataset synthetic --device cpu
     # CIFAR-10, one GPU; the EMA encoder of a stage-3 run trained with --encoder_ema 0.9999
     python evaluate.py --init_from runs/ct_c10/ckpt.pt --dataset cifar10 --data_path data/ --encoder_ema
@@ -13,13 +13,14 @@ tokens); a stage-2/3 checkpoint with the pooling its head was trained on.
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\
         --data_path /data/imagenet --img_size 224 --probe_batch 4096
 
-What to expect: a trained encoder beats a random one on every metric; MAE features are good for the linear
-probe but poor for k-NN and k-means, and contrastive tuning raises the latter most (SPEC: ViT-B/16 on
-ImageNet, MAE 66.7 / 51.1 -> MAE-CT 73.5 / 64.1 linear / k-NN). Our probe trains on stored features without
-augmentation (fast); the paper's probe trains 50 epochs with crop + flip, so expect it a little lower. As in
-DINO's and MAE's sweeps, the probe lr is picked on the val split. Time: vit_nano on cifar10-5k (4000 + 1000
-images, all metrics, defaults) takes ~7 s on 2 idle CPU cores. OMP note: the metrics are many small tensor
-ops; on a busy 2-core machine, spinning OpenMP threads made that same run 450 s (9 s with OMP_NUM_THREADS=1).
+What to expect: a trained encoder beats a random one on every metric; MAE features are good for the linear probe but
+poor for k-NN and k-means, and contrastive tuning raises the latter most (SPEC: ViT-B/16 on ImageNet, MAE 66.7 /
+51.1 -> MAE-CT 73.5 / 64.1 linear / k-NN). Our probe trains on stored features without augmentation (fast); the
+paper's probe trains 50 epochs with crop + flip, so expect it a little lower. As in DINO's and MAE's sweeps, the
+probe lr is picked on the val split. Time (session 24, 2-core CPU): vit_nano on cifar10-5k (4000 + 1000 images, all
+metrics, defaults) takes ~14 s on idle cores (18 s with the imports), ~20 s on the generated set. OMP note: the
+metrics are many small tensor ops; beside two busy processes, that cifar10-5k run took 91 s with the default threads
+and 31 s with OMP_NUM_THREADS=1 (an early session saw 450 s against 9 s).
 
 OUT_DIR/results.json (all numbers in percent; the keys below always appear, null for a metric that was not run,
 except nmi_best, ari_best, lowshot_N_std and extra knnK, which appear only with their metric):

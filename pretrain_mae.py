@@ -3,7 +3,7 @@
 The encoder sees a random 25% of the patches; a light decoder predicts the normalised pixels of the other 75%.
 Only the loss on masked patches counts. The result is a rich but not object-clustered feature (see stage 2/3).
 
-    # CPU smoke run (about a minute): generated shapes, a ViT of 0.2M parameters (0.3M with the decoder)
+    # CPU smoke run (~40 s on 2 cores): generated shapes, a ViT of 0.2M parameters (0.3M with the decoder)
     python pretrain_mae.py --dataset synthetic --model vit_nano --epochs 5 --out_dir runs/mae_smoke --device cpu
     # CIFAR-10, one GPU: ViT-T/4, 800 epochs (the data lives on the GPU, augmented there in batches)
     python pretrain_mae.py --dataset cifar10 --data_path data/ --model vit_tiny --epochs 800 --out_dir runs/mae_c10
