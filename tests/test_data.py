@@ -207,8 +207,9 @@ def test_colour_strengths_are_byols(monkeypatch):
 
 
 def test_crop_ratio_and_scales_are_the_references(monkeypatch):
-    """Both view paths crop with torchvision's RandomResizedCrop defaults (area 0.08-1, aspect 3/4-4/3) for the
-    stage-2/3 views, and with MAE's area 0.2-1 for stage 1 (facebookresearch/mae main_pretrain.py)."""
+    """augment() crops with torchvision's RandomResizedCrop defaults (area 0.08-1, aspect 3/4-4/3) for the stage-2/3
+    views, and with MAE's area 0.2-1 for stage 1 (facebookresearch/mae main_pretrain.py). The file-backed path hands
+    the same constants to torchvision's own RandomResizedCrop."""
     from torchvision import transforms as T
     ref = T.RandomResizedCrop(32)
     seen = []
@@ -223,7 +224,7 @@ def test_crop_ratio_and_scales_are_the_references(monkeypatch):
 
 def test_file_backed_eval_view_is_the_standard_centre_crop(tmp_path):
     """ImageNet-size folders are evaluated as every MAE/DINO evaluation does: Resize(S / 0.875, bicubic),
-    CenterCrop(S), ImageNet mean and std. Checked against that torchvision pipeline on odd-sized photos."""
+    CenterCrop(S), ImageNet mean and std. Checked against that torchvision pipeline on odd-sized random images."""
     from torchvision import transforms as T
     torch.manual_seed(0)
     ref = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
