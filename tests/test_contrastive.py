@@ -437,7 +437,7 @@ def test_two_ranks_enqueue_the_global_batch_in_rank_order(needs_torchrun, chain,
     keeps the head's queue, writes its first step into slots 128-191."""
     import data
     n = data.SYNTHETIC_SIZES["train"]
-    shard = lambda rank, epoch=0: data._shard_indices(n, 32, 2, rank, 0, epoch, True, True)  # 64 a step, 32 a rank
+    shard = lambda rank: data._shard_indices(n, 32, 2, rank, 0, 0, True, True)  # seed 0, epoch 0; 32 a rank a step
     step = lambda s: torch.cat([shard(r)[32 * s:32 * (s + 1)] for r in (0, 1)])  # global batch s, rank order
     flags = ["--dataset", "synthetic", "--batch_size", "64", "--device", "cpu", "--compile", "0", "--num_workers", "0"]
     r = run_torchrun("init_head.py", "--init_from", chain / "mae.pt", *flags, *SMALL_HEAD, "--queue_size", "256",
