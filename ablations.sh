@@ -4,8 +4,9 @@
 #   2. the top-k lookup as a data-driven augmentation: contrastive tuning with k = 1, 5, 10, 20, 50 vs MAE-CT_aug
 #   3. MAE + lambda * NNCLR from the start (pretrain_mae.py --nnclr_weight) vs the sequential MAE -> head -> tuning
 #
-#   bash ablations.sh smoke                  # generated shapes, vit_nano, CPU (not timed as a whole since the shapes
-#                                            # were tiled; the untiled run took 28.5 min, ABLATIONS.md)
+#   bash ablations.sh smoke                  # generated shapes, vit_nano, CPU (not timed as a whole at today's
+#                                            # 30/10/10 epochs; ABLATIONS.md's 28 min 34 s was 10/5/5 epochs, the old
+#                                            # shapes, on a CPU shared with test runs)
 #   bash ablations.sh cifar10_5k --device cpu
 #
 # Stage 1, 2 and the recipe's stage 3 come from reproduce.sh, run first into the same RUN folder (a finished stage

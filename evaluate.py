@@ -18,9 +18,9 @@ poor for k-NN and k-means, and contrastive tuning raises the latter most (SPEC: 
 51.1 -> MAE-CT 73.5 / 64.1 linear / k-NN). Our probe trains on stored features without augmentation (fast); the
 paper's probe trains 50 epochs with crop + flip, so expect it a little lower. As in DINO's and MAE's sweeps, the
 probe lr is picked on the val split. Time (session 24, 2-core CPU): vit_nano on cifar10-5k (4000 + 1000 images, all
-metrics, defaults) takes ~14 s on idle cores (18 s with the imports), ~20 s on the generated set. OMP note: the
-metrics are many small tensor ops; beside two busy processes, that cifar10-5k run took 91 s with the default threads
-and 31 s with OMP_NUM_THREADS=1 (an early session saw 450 s against 9 s).
+metrics, defaults) takes ~14 s on idle cores (18 s with the imports); the generated set ~16 s (20 s) with
+OMP_NUM_THREADS=1. OMP note: the metrics are many small tensor ops; beside two busy processes, that cifar10-5k run
+took 91 s with the default threads and 31 s with OMP_NUM_THREADS=1 (an early session saw 450 s against 9 s).
 
 OUT_DIR/results.json (all numbers in percent; the keys below always appear, null for a metric that was not run,
 except nmi_best, ari_best, lowshot_N_std and extra knnK, which appear only with their metric):

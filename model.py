@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Size presets (one dict, no factory functions). Paper sizes B/L/H as in MAE; tiny/small for 32 px images
-# (ours); nano is a 0.2M-parameter encoder (0.3M with its decoder) for CPU tests and smoke runs. `pooling` is the paper's choice of
-# feature for stages 2/3: mean of patch tokens for B and smaller, CLS for L and H (SPEC, stage 2).
+# (ours); nano is a 0.2M-parameter encoder (0.3M with its decoder) for CPU tests and smoke runs. `pooling` is
+# the paper's choice of feature for stages 2/3: mean of patch tokens for B and smaller, CLS for L and H (SPEC,
+# stage 2).
 PRESETS = {
     "vit_nano":  dict(embed_dim=64,   depth=4,  num_heads=4,  decoder_embed_dim=64,  decoder_depth=2, decoder_num_heads=4,  pooling="mean"),
     "vit_tiny":  dict(embed_dim=192,  depth=12, num_heads=3,  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,  pooling="mean"),

@@ -14,7 +14,7 @@ Only the loss on masked patches counts. The result is a rich but not object-clus
     # Ablation (MAE-CT's third check, ablations.sh): MAE and NNCLR together from the start, loss = MAE + 1.0 * NNCLR
     python pretrain_mae.py --dataset synthetic --model vit_nano --epochs 5 --nnclr_weight 1 --out_dir runs/joint --device cpu
 
-What to expect (measured, RESULTS.md and BENCHMARKS.md): `reproduce.sh smoke`'s 30 epochs take 3.5-4 min on 2 idle
+What to expect (measured, RESULTS.md and BENCHMARKS.md): `reproduce.sh smoke`'s 30 epochs take ~3.5-4 min on 2 idle
 CPU cores (205-238 s, sessions 16-23). Fashion-MNIST, ViT-T/4, 100 epochs, batch 1024, --compile_mode
 reduce-overhead on one H200: 221 s at ~79,000 img/s, about half of it compiling from a cold cache; its CLS token
 then reaches k-NN@10 84-87 and k-means ACC 57-61 (raw pixels, issue 6's anchor: 86.6 / 54.9).

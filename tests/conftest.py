@@ -117,8 +117,8 @@ case "$1 $*" in *"--fail_here"*|"${{FAIL_SCRIPT:-none}} "*) exit 1;; esac
 case "$out" in *"/${{FAIL_OUT:-//}}") exit 1;; esac
 case "$out" in *"/${{SLOW_OUT:-//}}") sleep 20;; esac
 mkdir -p "$out"
-[ "$1" = evaluate.py ] || touch "$out/ckpt.pt"  # a training stage's checkpoint; results and a log rich enough for
-# the scripts' tables
+# a training stage's checkpoint (an evaluation writes none), then results and a log rich enough for the scripts' tables
+[ "$1" = evaluate.py ] || touch "$out/ckpt.pt"
 echo '{{"pooling": "mean", "knn10": 1.0, "feature_dim": 8, "dataset": "fake"}}' > "$out/results.json"
 echo '{{"step": 1, "loss": 1.0, "nn_acc": 0.5, "nnclr_loss": 1.0, "mae_loss": 1.0}}' > "$out/log.jsonl"
 echo "${{OMP_NUM_THREADS:-}}" > "$out/threads"

@@ -2,6 +2,7 @@
 img/s and ETA, the non-finite stop and the strict-load message. CPU, under a second."""
 import argparse
 import json
+import types
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ import common
 from model import VisionTransformer, model_config
 
 
-def test_setup_seeds_the_model_init_with_the_runs_seed():
+def test_setup_seeds_the_model_init_with_the_runs_seed(monkeypatch):
     """Seeds differ in their initial weights too, not only in their data order and crops (seed_step): the
     seed-to-seed spread in RESULTS.md depends on it."""
+    for flags, name in [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]:
+        monkeypatch.setattr(flags, name, getattr(flags, name))  # setup() turns TF32 off: restored after the test
     with torch.random.fork_rng():
         inits = []
         for seed in (7, 7, 8):
@@ -27,7 +30,7 @@ def test_progress_line_counts_the_images_since_the_last_line(monkeypatch, tmp_pa
     since the resume (not 50), the next the 10 since the first line, and the ETA is for the steps left to
     --max_steps (60), not to the schedule's end (100)."""
     clock = iter([0.0, 5.0, 5.0, 6.0, 6.0])  # start; first line at 5 s; second line 1 s later
-    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(time=lambda: next(clock)))  # common's clock only
     proc = common.Proc(0, 1, torch.device("cpu"), torch.float32)
     log = common.Logger(proc, tmp_path, total_steps=100, start_step=40, images_per_step=10, every=10, last_step=60)
     log(50, loss=1.0)

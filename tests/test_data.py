@@ -206,7 +206,7 @@ def test_colour_strengths_are_byols(monkeypatch):
     assert 0.1 <= seen["sigma"].min() < 0.11 and 1.99 < seen["sigma"].max() <= 2.0
 
 
-def test_crop_ratio_and_scales_are_the_references(monkeypatch):
+def test_crop_ratio_and_scales_are_the_references(monkeypatch, tmp_path):
     """augment() crops with torchvision's RandomResizedCrop defaults (area 0.08-1, aspect 3/4-4/3) for the stage-2/3
     views, and with MAE's area 0.2-1 for stage 1 (facebookresearch/mae main_pretrain.py). The file-backed path hands
     the same constants to torchvision's own RandomResizedCrop."""
@@ -214,12 +214,22 @@ def test_crop_ratio_and_scales_are_the_references(monkeypatch):
     ref = T.RandomResizedCrop(32)
     seen = []
     boxes = data.random_resized_crop_boxes
-    monkeypatch.setattr(data, "random_resized_crop_boxes", lambda *a: seen.append(a[3:5]) or boxes(*a))
+
+    def spy(B, H, W, scale, ratio, device):  # records the area and aspect ranges asked for
+        seen.append((scale, ratio))
+        return boxes(B, H, W, scale, ratio, device)
+    monkeypatch.setattr(data, "random_resized_crop_boxes", spy)
     for views in ("mae", "minimal", "aug"):
         data.augment(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), views, 1, 8, torch.zeros(1, 3, 1, 1),
                      torch.ones(1, 3, 1, 1))
     assert seen == [((0.2, 1.0), tuple(ref.ratio)), (tuple(ref.scale), tuple(ref.ratio)),
                     (tuple(ref.scale), tuple(ref.ratio))]
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / split / "a" / "0.png")
+    files = data.load_split("imagefolder", str(tmp_path), "train", 32, in_memory=False)
+    crop = data.ViewLoader(files, 1, "minimal", 1, 32, "cpu", num_workers=0).loader.dataset.transform.transforms[0]
+    assert (tuple(crop.scale), tuple(crop.ratio)) == (tuple(ref.scale), tuple(ref.ratio))
 
 
 def test_file_backed_eval_view_is_the_standard_centre_crop(tmp_path):

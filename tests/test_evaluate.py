@@ -115,7 +115,8 @@ def test_nearest_is_the_euclidean_argmin():
     """k-means assigns by |q - c|^2 = |q|^2 - 2 q.c + |c|^2; the k-means test above compares nearest() with itself."""
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(500, 8, generator=g), torch.randn(10, 8, generator=g) * 2
-    assert torch.equal(E.nearest(x, c), torch.cdist(x, c).argmin(dim=1))
+    exact = torch.cdist(x, c, compute_mode="donot_use_mm_for_euclid_dist")  # pairwise differences, not the expansion
+    assert torch.equal(E.nearest(x, c), exact.argmin(dim=1))
     assert torch.equal(E.nearest(x, c, chunk=64), E.nearest(x, c))
 
 
@@ -127,18 +128,22 @@ def test_run_metrics_reports_the_best_lr_the_mean_and_the_best_k_means_run(monke
     va, yva = blobs(20, 4, 6, seed=0, noise_seed=3)
     probes = {200: [10.0, 70.0, 30.0], 4: [1.0, 2.0, 3.0], 20: [4.0, 6.0, 5.0]}  # by train size: all, 1%, 10%
     monkeypatch.setattr(E, "linear_probe", lambda f, y, *a: probes[len(y)])
-    seeds, scores = [], iter([(0.5, 0.9, 0.1), (0.6, 0.2, 0.3)])  # (ACC, NMI, ARI) of run 1, run 2
-    monkeypatch.setattr(E, "kmeans", lambda x, k, seed: (seeds.append(seed), (x[:k], None))[1])
-    now = {}
-    monkeypatch.setattr(E, "cluster_acc", lambda y, a: now.update(v=next(scores)) or now["v"][0])
-    monkeypatch.setattr(E, "nmi", lambda y, a: now["v"][1])
-    monkeypatch.setattr(E, "ari", lambda y, a: now["v"][2])
+    seeds = []
+
+    def kmeans(x, k, seed):  # records the seed; any centres will do, the scores below are scripted
+        seeds.append(seed)
+        return x[:k], None
+    monkeypatch.setattr(E, "kmeans", kmeans)
+    acc, nmi, ari = iter([0.4, 0.6]), iter([0.9, 0.25]), iter([0.1, 0.35])  # run 1, run 2 (the ACC-best)
+    monkeypatch.setattr(E, "cluster_acc", lambda y, a: next(acc))
+    monkeypatch.setattr(E, "nmi", lambda y, a: next(nmi))
+    monkeypatch.setattr(E, "ari", lambda y, a: next(ari))
     args = argparse.Namespace(kmeans_seeds=2, seed=7, probe_lrs=[0.1, 1.0, 3.0], probe_epochs=1, probe_batch=32)
     res, _ = E.run_metrics(tr, ytr, va, yva, 4, args, ["linear", "kmeans"])
     assert (res["linear"], res["linear_lr"], res["pct1"], res["pct10"]) == (70.0, 1.0, 3.0, 6.0)
     assert seeds == [7, 8]
-    assert (res["kmeans_acc_mean"], res["nmi"], res["ari"]) == pytest.approx((55, 55, 20))
-    assert (res["kmeans_acc_best"], res["nmi_best"], res["ari_best"]) == pytest.approx((60, 20, 30))
+    assert (res["kmeans_acc_mean"], res["nmi"], res["ari"]) == pytest.approx((50, 57.5, 22.5))
+    assert (res["kmeans_acc_best"], res["nmi_best"], res["ari_best"]) == pytest.approx((60, 25, 35))
 
 
 def test_lowshot_fits_the_standardised_features_of_three_fixed_splits(monkeypatch):
@@ -147,9 +152,16 @@ def test_lowshot_fits_the_standardised_features_of_three_fixed_splits(monkeypatc
     tr, va = tr + 50, va + 50  # off-centre: standardising changes them
     splits, fits = [], []
     real = E.fewshot_indices
-    monkeypatch.setattr(E, "fewshot_indices", lambda y, n, seed: (splits.append((n, seed)), real(y, n, seed))[1])
-    monkeypatch.setattr(E, "logistic_regression",
-                        lambda a, y, b, C, l2: (fits.append((a, b)), torch.zeros(len(b), dtype=torch.long))[1])
+
+    def fewshot_indices(y, n, seed):  # records each split asked for
+        splits.append((n, seed))
+        return real(y, n, seed)
+
+    def logistic_regression(train_f, y, test_f, num_classes, l2):  # records the features it is given
+        fits.append((train_f, test_f))
+        return torch.zeros(len(test_f), dtype=torch.long)
+    monkeypatch.setattr(E, "fewshot_indices", fewshot_indices)
+    monkeypatch.setattr(E, "logistic_regression", logistic_regression)
     E.run_metrics(tr, ytr, va, yva, 4, argparse.Namespace(lowshot_l2=1e-3), ["lowshot"])
     trn, van = E.standardise(tr, va)
     assert splits == [(shots, split) for shots in (1, 2, 5) for split in range(3)]
@@ -323,13 +335,22 @@ def first_n(imageset, n):
 
 
 def test_knn_eval_standardises_like_evaluate(monkeypatch):
-    """The training scripts' --eval_every k-NN scores the features as evaluate.py does (train-standardised)."""
-    feats = iter([hidden_classes(1), hidden_classes(2)])
+    """The training scripts' --eval_every k-NN scores the features as evaluate.py does: standardised with the train
+    statistics (one standardise call given train and val)."""
+    (tr, ytr), (va, yva) = hidden_classes(1), hidden_classes(2)
+    feats = iter([(tr, ytr), (va, yva)])
     monkeypatch.setattr(E, "extract_features", lambda *a, **k: next(feats))
+    calls, real = [], E.standardise
+
+    def standardise(*features):
+        calls.append(features)
+        return real(*features)
+    monkeypatch.setattr(E, "standardise", standardise)
     enc = torch.nn.Linear(1, 1)  # stands in for the encoder: extraction is scripted
     enc.grid, enc.patch_size = 8, 4
     split = argparse.Namespace(classes=list(range(4)))
     assert E.knn_eval(enc, split, split, CPU, ks=(10,))["knn10"] > 90  # raw cosine k-NN: < 50 (test above)
+    assert len(calls) == 1 and len(calls[0]) == 2 and torch.equal(calls[0][0], tr) and torch.equal(calls[0][1], va)
 
 
 def test_knn_eval_restores_mode_and_ignores_decoder():
