@@ -147,15 +147,25 @@ def test_stage3_lookup_and_queue_use_the_target_projector():
     assert torch.allclose(z0, z[0], atol=1e-6) and not torch.allclose(z0, online, atol=1e-2)
 
 
+@pytest.fixture(scope="module")
+def two_rank_steps(tmp_path_factory):
+    """One NNCLR step of the stage-2 and of the stage-3 case under torchrun --nproc_per_node=2 (gloo), both in one
+    launch: tests/ddp_nnclr.py's results, as the path prefix of its two files."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available (torchrun cannot run on CPU)")
+    prefix = tmp_path_factory.mktemp("ddp") / "case"
+    # --standalone picks a free rendezvous port (a fixed one collided once under load)
+    r = run_torchrun(ROOT / "tests" / "ddp_nnclr.py", prefix, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return prefix
+
+
 @pytest.mark.parametrize("stage3", [False, True])
-def test_two_ranks_equal_one_process(needs_torchrun, tmp_path, stage3):
+def test_two_ranks_equal_one_process(two_rank_steps, stage3):
     """torchrun --nproc_per_node=2 (gloo): loss, gradients, BN statistics and the queue after one step equal a
     single process given the concatenated batch."""
-    out = tmp_path / "ddp.pt"
-    # --standalone picks a free rendezvous port (a fixed one collided once under load)
-    r = run_torchrun(ROOT / "tests" / "ddp_nnclr.py", out, int(stage3), timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = torch.load(out, weights_only=True)
+    got = torch.load(f"{two_rank_steps}{int(stage3)}.pt", weights_only=True)
     model, views, idx, kw = make_case(stage3)
     loss, z0, _ = model(views, idx, **kw)
     loss.backward()
