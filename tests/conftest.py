@@ -39,7 +39,7 @@ def needs_cifar():
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def needs_torchrun():
     """Two CPU processes need torch.distributed with gloo; torchrun itself runs as `python -m`."""
     import torch.distributed as dist

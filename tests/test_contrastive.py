@@ -148,12 +148,9 @@ def test_stage3_lookup_and_queue_use_the_target_projector():
 
 
 @pytest.fixture(scope="module")
-def two_rank_steps(tmp_path_factory):
+def two_rank_steps(needs_torchrun, tmp_path_factory):
     """One NNCLR step of the stage-2 and of the stage-3 case under torchrun --nproc_per_node=2 (gloo), both in one
     launch: tests/ddp_nnclr.py's results, as the path prefix of its two files."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available (torchrun cannot run on CPU)")
     prefix = tmp_path_factory.mktemp("ddp") / "case"
     # --standalone picks a free rendezvous port (a fixed one collided once under load)
     r = run_torchrun(ROOT / "tests" / "ddp_nnclr.py", prefix, timeout=180)
@@ -616,8 +613,11 @@ def test_every_stage_tells_its_loader_the_epoch(tmp_path, monkeypatch):
     import data
     monkeypatch.setattr(data, "SYNTHETIC_SIZES", dict(train=256, val=64))
     epochs, real = [], data.ViewLoader.set_epoch
-    monkeypatch.setattr(data.ViewLoader, "set_epoch", lambda self, epoch, start_batch=0: (
-        epochs.append(epoch), real(self, epoch, start_batch))[1])
+
+    def set_epoch(self, epoch, start_batch=0):  # records each epoch a loop asks for
+        epochs.append(epoch)
+        return real(self, epoch, start_batch)
+    monkeypatch.setattr(data.ViewLoader, "set_epoch", set_epoch)
     run_args = ["--dataset", "synthetic", "--device", "cpu", "--batch_size", "64", "--epochs", "3", "--max_steps", "9"]
     for script, extra in [("pretrain_mae.py", ["--model", "vit_nano", "--pictures", "0"]),
                           ("init_head.py", ["--init_from", tmp_path / "pretrain_mae" / "ckpt.pt", *SMALL_HEAD]),
