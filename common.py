@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import data
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one `error: ...` line, exit code 2, nothing written."""
@@ -50,11 +52,15 @@ def main_guard(main):
 
 
 # ---------------------------------------------------------------- flags shared by every stage
-def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_help="passes over the training set"):
-    """The flags every stage spells the same way; each script passes its own defaults."""
+def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_help="passes over the training set",
+                    dataset="synthetic"):
+    """The flags every stage spells the same way; each script passes its own defaults (stages 2-3: dataset=None,
+    the input checkpoint's; see input_data)."""
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="synthetic", help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated tiled shapes, no download)")
-    g.add_argument("--data_path", default=None, help="dataset root (torchvision root, or a folder with train/ and val/ for imagefolder)")
+    g.add_argument("--dataset", default=dataset, help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated tiled shapes, no download)"
+                   + (" (default: the one the --init_from checkpoint was trained on)" if dataset is None else ""))
+    g.add_argument("--data_path", default=None, help="dataset root (torchvision root, or a folder with train/ and val/ for imagefolder)"
+                   + ("; default: the checkpoint's, when --dataset is its dataset too" if dataset is None else ""))
     g.add_argument("--img_size", type=int, default=None, help="input side in pixels (default: 32 for CIFAR/synthetic, 28 for Fashion-MNIST; an image folder keeps images of at most 64 px, else 224)")
     g.add_argument("--data_on_gpu", type=int, default=None, choices=[0, 1], help="hold the uint8 dataset on the training device and augment there in batches; image folders only, the other datasets always are (default: on for small folders)")
     g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per process (file-backed datasets only)")
@@ -77,6 +83,60 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
     g.add_argument("--eval_every", type=int, default=0, help="epochs between k-NN checks on the val split, logged to log.jsonl (0: none; evaluate.py does the full evaluation)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     return p
+
+
+# ---------------------------------------------------------------- checks of the flags, before anything starts
+def check_dataset(args):
+    if args.dataset not in data.DATASETS:
+        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+
+
+def checkpoint_path(args):
+    """OUT_DIR/ckpt.pt, where every stage saves and --resume continues from (so it must exist then)."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and not os.path.isfile(path):
+        raise UserError(f"--resume but there is no checkpoint at {path}")
+    return path
+
+
+def input_data(args, ck_args, cfg, init_from):
+    """Stages 2-3 and evaluate.py: --dataset and --data_path default to the ones the input checkpoint was trained
+    on (an official MAE file does not say: it needs --dataset), and the images must fit its encoder."""
+    args.dataset = args.dataset or ck_args.get("dataset")
+    if args.dataset is None:
+        raise UserError(f"{init_from} does not say what it was trained on: pass --dataset")
+    if args.data_path is None and args.dataset == ck_args.get("dataset"):
+        args.data_path = ck_args.get("data_path")
+    check_dataset(args)
+    args.img_size = args.img_size or cfg["img_size"]
+    if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
+        raise UserError(f"{init_from} takes {cfg['in_chans']}-channel {cfg['img_size']} px images; "
+                        f"{args.dataset} at --img_size {args.img_size} does not fit")
+
+
+def check_batch(batch_size, n_train):
+    """The loaders drop the last partial batch: a global batch larger than the data would train for no step."""
+    if n_train < batch_size:
+        raise UserError(f"--batch_size {batch_size} is larger than the training set ({n_train} images)")
+
+
+def check_queue(args, n_train):
+    """Resolve --queue_size and refuse settings that the FIFO (or the views) cannot honour."""
+    if args.queue_size is None:
+        args.queue_size = max(args.batch_size, min(65536, n_train) // args.batch_size * args.batch_size)
+    if args.queue_size % args.batch_size:
+        raise UserError(f"--queue_size {args.queue_size} is not a multiple of the global batch {args.batch_size}")
+    if not 0 < getattr(args, "crop_min", 1) <= 1:
+        raise UserError(f"--crop_min {args.crop_min} is not in (0, 1]")
+    if getattr(args, "topk", 1) > args.queue_size:
+        raise UserError(f"--topk {args.topk} is larger than the queue ({args.queue_size})")
+
+
+def check_compile_mode(args):
+    """Stages 2-3: CUDA graphs only in one process: the cross-rank gathers inside the one graph are untested."""
+    if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("--compile_mode reduce-overhead is for one process: the cross-rank gather inside the "
+                        "graph is untested")
 
 
 # ---------------------------------------------------------------- process setup
@@ -143,9 +203,10 @@ def compile_nnclr(model, mode="default"):
 
 
 def ddp(model, proc):
-    """Wrap in DistributedDataParallel when there are several processes. Buffers are never synced, neither at the
-    start nor at each forward: the queue and the BN statistics are identical on every rank by construction (the same
-    seed builds the model everywhere, and every rank enqueues the same gathered batch)."""
+    """Wrap in DistributedDataParallel when there are several processes. Buffers are not synced at each forward
+    (DDP broadcasts them once, from rank 0, when it wraps the model): the queue and the BN statistics stay identical
+    on every rank by construction (the same seed builds the model everywhere, every rank enqueues the same gathered
+    batch, and the BN statistics cover the global batch)."""
     if proc.world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -160,8 +221,7 @@ def seed_step(seed, rank, step):
     differ per rank and per step, and a resumed run replays exactly what an uninterrupted one would.
 
     One 32-bit number (the CPU generator keeps only the low 32 bits of a seed) with ranks 2^22 steps apart: within a
-    run, no two (rank, step) pairs draw alike for up to 1024 ranks and 4,194,304 steps. Before session 17 ranks were
-    7919 steps apart, so rank 1 drew at step s what rank 0 drew at step s + 7919; rank 0 draws as it did then.
+    run, no two (rank, step) pairs draw alike for up to 1024 ranks and 4,194,304 steps.
     """
     torch.manual_seed((seed * 1_000_003 + rank * 2**22 + step) % 2**32)
 
@@ -211,7 +271,7 @@ def set_lr(opt, lr):
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def decay_groups(named_params, weight_decay, lr_scale=1.0, prefix=""):
+def decay_groups(named_params, weight_decay, lr_scale=1.0):
     """Two param groups: weight decay on matrices only; biases, norms and tokens (1-D, or named *_token) none
     (MAE's recipe)."""
     decay, no_decay = [], []
@@ -277,6 +337,15 @@ def save_checkpoint(path, background=False, **payload):
     _writer["thread"].start()
 
 
+def save_on_main(proc, path, **payload):
+    """The training loops' save: rank 0 writes the checkpoint (in the background in one process), and under DDP
+    every rank waits at a barrier until it is on disk, so that a restarted job finds it whichever rank failed."""
+    if proc.main:
+        save_checkpoint(path, background=proc.world == 1, **payload)
+    if proc.world > 1:
+        dist.barrier()
+
+
 def _to_cpu(x):
     if torch.is_tensor(x):
         return x.detach().to("cpu", copy=True)
@@ -322,7 +391,7 @@ def want_resume(args, ckpt_path):
     torchrun's run id (TORCHELASTIC_RUN_ID), so that an older run's checkpoint left in the folder is not continued
     when the first attempt crashed before its first save. The id is unique with `torchrun --standalone`, and with a
     unique --rdzv_id on several nodes; otherwise it is "none" for every job (also a plain single-node torchrun on
-    torch releases before mid-2026), and any checkpoint in the folder is taken as this job's, as before session 19."""
+    older torch releases), and any checkpoint in the folder is taken as this job's."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     if args.resume or not restarted or not os.path.isfile(ckpt_path):
         return bool(args.resume)
@@ -334,12 +403,6 @@ def want_resume(args, ckpt_path):
     except Exception:
         return False  # unreadable: not a checkpoint this job wrote (those are renamed into place whole)
     return saved == run_id
-
-
-def check_batch(batch_size, n_train):
-    """The loaders drop the last partial batch: a global batch larger than the data would train for no step."""
-    if n_train < batch_size:
-        raise UserError(f"--batch_size {batch_size} is larger than the training set ({n_train} images)")
 
 
 def load_checkpoint(path, stages=None):
@@ -391,6 +454,12 @@ def args_dict(args):
 
 
 # ---------------------------------------------------------------- logging
+def nn_accuracy(nbrs, labels, train_labels):
+    """Fraction of looked-up neighbours (their dataset indices, as the NNCLR forwards return them; -1 = empty slot,
+    never right) whose image has the query's label: a diagnostic for the log, never used for training."""
+    return ((nbrs >= 0) & (train_labels[nbrs.clamp(min=0)] == labels)).float().mean()
+
+
 class Logger:
     """One progress line every `every` steps (step/total, loss, lr, img/s, ETA, memory) on rank 0, and one JSON
     line per log/eval in OUT_DIR/log.jsonl. Call `step()` each step; values are only `.item()`-ed at log time.

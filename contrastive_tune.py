@@ -35,12 +35,10 @@ import argparse
 import copy
 import os
 
-import torch
-
 import common
 import data
 import evaluate
-from init_head import add_head_args, check_compile_mode, check_queue, nn_accuracy
+from init_head import add_head_args
 from model import MAECT
 
 
@@ -55,15 +53,15 @@ PAPER_BY_MODEL = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct",
+    common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct", dataset=None,
                            epochs_help="passes over the training set (default: the paper's: 20, 30 for H; "
                                        "MAE-CT_aug 80, 40 for L and H)")
     add_head_args(p, stage3=True)
     g = p.add_argument_group("contrastive tuning")
     g.add_argument("--topk", type=int, default=None, help="the positive is drawn uniformly from this many nearest "
                    "neighbours (default: the paper's, 20; 10 for MAE-CT_aug, but 20 for H; 1 = NNCLR)")
-    g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen (default: half the depth)")
-    g.add_argument("--layer_decay", type=float, default=0.65, help="block b trains at lr * layer_decay^(depth - b)")
+    g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen, besides the patch embedding and CLS token, which always are (default: half the depth)")
+    g.add_argument("--layer_decay", type=float, default=0.65, help="block b (0 = the lowest) trains at lr * layer_decay^(depth - b): the top block at lr * layer_decay, the final norm at lr")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of the encoder")
     g.add_argument("--head_blr", type=float, default=None,
                    help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
@@ -95,14 +93,11 @@ def param_groups(raw, args):
 
 def main():
     args = parse_args()
-    if args.dataset not in data.DATASETS:
-        raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
-    check_compile_mode(args)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
+    common.check_compile_mode(args)
+    ckpt_path = common.checkpoint_path(args)
     prev = common.load_checkpoint(args.init_from, stages=["head"])
     cfg, head_args = prev["config"], prev["args"]
+    common.input_data(args, head_args, cfg, args.init_from)  # --dataset: the head's unless given
     for k in ("pooling", "proj_hidden", "proj_dim", "pred_hidden"):  # the head's shape comes from stage 2
         if getattr(args, k) not in (None, head_args[k]):
             raise common.UserError(f"--{k} {getattr(args, k)} differs from the stage-2 head in {args.init_from} "
@@ -120,10 +115,6 @@ def main():
     for k in ("target_ema", "encoder_ema"):
         if not 0 <= getattr(args, k) < 1:
             raise common.UserError(f"--{k} {getattr(args, k)} is not in [0, 1)")
-    args.img_size = args.img_size or cfg["img_size"]
-    if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
-        raise common.UserError(f"{args.init_from} was trained on {cfg['in_chans']}-channel {cfg['img_size']} px images; "
-                               f"{args.dataset} at --img_size {args.img_size} does not fit")
     depth = cfg["depth"]
     args.frozen_blocks = depth // 2 if args.frozen_blocks is None else args.frozen_blocks
     if not 0 <= args.frozen_blocks < depth:
@@ -136,7 +127,7 @@ def main():
     # ---- data ----
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
     common.check_batch(args.batch_size, len(train))
-    check_queue(args, len(train))
+    common.check_queue(args, len(train))
     loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
                              args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))
     train_labels = train.labels.to(proc.device)
@@ -148,8 +139,14 @@ def main():
     # ---- model: stage-2 encoder + head; the target projector starts as a copy of the projector ----
     model = MAECT(cfg, args.queue_size, args.pooling, args.proj_hidden, args.proj_dim, args.pred_hidden, target=True)
     sd = dict(prev["model"])
-    if "queue.embeddings" in sd and sd["queue.embeddings"].shape != model.queue.embeddings.shape:  # new length: empty
-        proc.print(f"queue length {sd['queue.embeddings'].shape[0]} -> {args.queue_size}: starting with an empty queue")
+    # The head's queue holds its images' embeddings and dataset indices: kept when this run has the same length and
+    # the same images (the generated ones follow --seed), else the run starts with an empty queue.
+    same_images = ((args.dataset, args.data_path) == (head_args.get("dataset"), head_args.get("data_path"))
+                   and (args.dataset != "synthetic" or args.seed == head_args.get("seed")))
+    if sd["queue.embeddings"].shape != model.queue.embeddings.shape or not same_images:
+        why = (f"queue length {sd['queue.embeddings'].shape[0]} -> {args.queue_size}" if same_images
+               else "other images than the head's")
+        proc.print(f"{why}: starting with an empty queue")
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("queue.")})
     for k in [k for k in sd if k.startswith("head.projector.")]:
         sd["target_projector." + k[len("head.projector."):]] = sd[k]
@@ -218,17 +215,13 @@ def main():
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
-                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(nbrs, labels, train_labels),
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=common.nn_accuracy(nbrs, labels, train_labels),
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
-                if proc.main:
-                    extra = dict(encoder_ema=encoder_ema.state_dict()) if encoder_ema is not None else {}
-                    common.save_checkpoint(ckpt_path, background=proc.world == 1,  # DDP: on disk before the barrier
-                                           stage="ct", config=cfg, model=raw.state_dict(),
-                                           optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
-                                           args=common.args_dict(args), **extra)
-                if proc.world > 1:
-                    torch.distributed.barrier()
+                extra = dict(encoder_ema=encoder_ema.state_dict()) if encoder_ema is not None else {}
+                common.save_on_main(proc, ckpt_path, stage="ct", config=cfg, model=raw.state_dict(),
+                                    optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
+                                    args=common.args_dict(args), **extra)
             if step >= last_step:
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:

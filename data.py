@@ -216,10 +216,9 @@ def make_synthetic(n: int, size: int, seed: int):
     Each image tiles one of 10 shapes with a random period (7-12 px at 32 px: 2.7-4.6 tiles a side) and a random
     phase. Every crop that stage 3 takes (>= 8% of the area: at least about half a tile) shows part of the pattern,
     as a crop of an object-centric photo mostly shows part of the object; that is the premise of MAE-CT's positives
-    (a crop's nearest neighbour should share the object). Until session 11 of RESULTS.md the set held one shape at a
-    random position and size: a crop was often background only, its nearest neighbour had the query's class 23% of
-    the time (tiled: 39-44%), and MAE-CT stayed equal to its MAE. Phase and period lower raw-pixel k-NN@10 to 66%
-    (untiled: 84%).
+    (a crop's nearest neighbour should share the object). With one shape at a random place instead, a crop was often
+    background only, its nearest neighbour had the query's class 23% of the time (tiled: 39-44%), and MAE-CT stayed
+    equal to its MAE (RESULTS.md). Phase and period lower raw-pixel k-NN@10 to 66% (one shape: 84%).
     """
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % 10)  # balanced classes in random order
@@ -247,10 +246,9 @@ def make_synthetic(n: int, size: int, seed: int):
     for c, shape in enumerate(shapes):
         k = labels == c
         mask[k] = shape(k)
-    # A light grey shape ([0.6, 1]) on a dark grey background ([0, 0.4]), levels random per image. Random hues and
-    # a random polarity (as before 2026-11-26) made a minutes-long ViT-nano MAE encode little but the two colours:
-    # its mean-pooled features were at the level of a random encoder (k-NN@10 15%), so the smoke run showed
-    # nothing; with grey levels the same MAE reached 48% on the untiled shapes (RESULTS.md).
+    # A light grey shape ([0.6, 1]) on a dark grey background ([0, 0.4]), levels random per image. With random hues
+    # and a random polarity, a minutes-long ViT-nano MAE encoded little but the two colours: its mean-pooled features
+    # were at the level of a random encoder (k-NN@10 15%); with grey levels the same MAE reached 48% (RESULTS.md).
     bg = rng.uniform(0, 0.4, (n, 1)).repeat(3, axis=1).astype(np.float32)
     fg = rng.uniform(0.6, 1, (n, 1)).repeat(3, axis=1).astype(np.float32)
     img = np.where(mask[:, None], fg[:, :, None, None], bg[:, :, None, None])  # (n, 3, S, S)

@@ -431,17 +431,7 @@ def main():
         enc_sd = encoder_state_dict(ckpt["encoder_ema"])
     if args.features != "encoder" and stage not in ("head", "ct"):
         raise common.UserError(f"--features {args.features} needs a stage-2/3 checkpoint; {args.init_from} is '{stage}'")
-    args.dataset = args.dataset or ck_args.get("dataset")
-    if args.dataset is None:
-        raise common.UserError(f"{args.init_from} does not say what it was trained on: pass --dataset")
-    if args.data_path is None and args.dataset == ck_args.get("dataset"):
-        args.data_path = ck_args.get("data_path")
-    if args.dataset not in data.DATASETS:
-        raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
-    args.img_size = args.img_size or cfg["img_size"]
-    if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
-        raise common.UserError(f"{args.init_from} takes {cfg['in_chans']}-channel {cfg['img_size']} px images; "
-                               f"{args.dataset} at --img_size {args.img_size} does not fit")
+    common.input_data(args, ck_args, cfg, args.init_from)
     # Poolings: the head's for stage 2/3; both for an MAE, whose headline is the paper's choice for its size.
     poolings = [args.pooling or ck_args["pooling"]] if (args.pooling or stage in ("head", "ct")) else ["cls", "mean"]
     headline = poolings[0] if len(poolings) == 1 else PRESETS[cfg["model"]]["pooling"]

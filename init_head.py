@@ -15,15 +15,13 @@ For MAE-CT_aug the authors train this head on the BYOL colour views (--views aug
 
 The NN accuracy in the log (how often the looked-up neighbour has the query's label; monitoring only, labels are
 never used for training) should rise during the run. It also says whether stage 3 can help: the looked-up neighbour
-becomes stage 3's positive, so the method needs it to share the object often. Measured (RESULTS.md; logged before
-session 13's fix, a little too low): 0.66-0.73 for ViT-T on Fashion-MNIST (one H200, 20 epochs in ~60 s), where MAE-CT
-clearly beats its MAE; 0.4-0.5 for ViT-nano on Fashion-MNIST on CPU, where it gains a little; on the CIFAR-10 5k
-subset 0.19 (fixed; chance 0.10), where it does not. Writes OUT_DIR/ckpt.pt (stage "head") and log.jsonl.
+becomes stage 3's positive, so the method needs it to share the object often. Measured (RESULTS.md): about 0.7 for
+ViT-T on Fashion-MNIST (one H200, 20 epochs in ~60 s), where MAE-CT clearly beats its MAE; 0.4-0.5 for ViT-nano on
+Fashion-MNIST on CPU, where it gains a little; on the CIFAR-10 5k subset 0.19 (chance 0.10), where it does not.
+Writes OUT_DIR/ckpt.pt (stage "head") and log.jsonl.
 """
 import argparse
 import os
-
-import torch
 
 import common
 import data
@@ -33,7 +31,7 @@ from model import MAECT
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head")
+    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head", dataset=None)
     add_head_args(p)
     return p.parse_args(argv)
 
@@ -77,45 +75,13 @@ def add_head_args(p, stage3=False):
     return p
 
 
-def check_compile_mode(args):
-    """CUDA graphs only in one process: the cross-rank gathers inside the one graph are untested."""
-    if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise common.UserError("--compile_mode reduce-overhead is for one process: the cross-rank gather inside the "
-                               "graph is untested")
-
-
-def check_queue(args, n_train):
-    """Resolve --queue_size and refuse settings that the FIFO (or the views) cannot honour."""
-    if args.queue_size is None:
-        args.queue_size = max(args.batch_size, min(65536, n_train) // args.batch_size * args.batch_size)
-    if args.queue_size % args.batch_size:
-        raise common.UserError(f"--queue_size {args.queue_size} is not a multiple of the global batch {args.batch_size}")
-    if not 0 < getattr(args, "crop_min", 1) <= 1:
-        raise common.UserError(f"--crop_min {args.crop_min} is not in (0, 1]")
-    if getattr(args, "topk", 1) > args.queue_size:
-        raise common.UserError(f"--topk {args.topk} is larger than the queue ({args.queue_size})")
-
-
-def nn_accuracy(nbrs, labels, train_labels):
-    """Fraction of looked-up neighbours (their dataset indices, as the forward returns them; -1 = empty slot, never
-    right) whose image has the query's label."""
-    return ((nbrs >= 0) & (train_labels[nbrs.clamp(min=0)] == labels)).float().mean()
-
-
 def main():
     args = parse_args()
-    if args.dataset not in data.DATASETS:
-        raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
-    check_compile_mode(args)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
+    common.check_compile_mode(args)
+    ckpt_path = common.checkpoint_path(args)
     prev = common.load_checkpoint(args.init_from, stages=["mae", "official"])
     cfg, enc_sd = common.encoder_from_checkpoint(prev, args.init_from)
-    args.img_size = args.img_size or cfg["img_size"]
-    if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
-        raise common.UserError(f"{args.init_from} was trained on {cfg['in_chans']}-channel {cfg['img_size']} px images; "
-                               f"{args.dataset} at --img_size {args.img_size} does not fit")
+    common.input_data(args, prev.get("args", {}), cfg, args.init_from)  # --dataset: the MAE's unless given
     args.pooling = args.pooling or cfg["pooling"]
 
     # ---- process ----
@@ -125,7 +91,7 @@ def main():
     # ---- data: two views per image, crop + flip (MAE-CT) or with colour too (MAE-CT_aug) ----
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
     common.check_batch(args.batch_size, len(train))
-    check_queue(args, len(train))
+    common.check_queue(args, len(train))
     loader = data.ViewLoader(train, local_batch, args.views, 2, args.img_size, proc.device, proc.rank, proc.world,
                              args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))
     train_labels = train.labels.to(proc.device)
@@ -187,16 +153,12 @@ def main():
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
-                log(step, epoch=epoch, loss=loss.detach(), nn_acc=nn_accuracy(nbrs, labels, train_labels),
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=common.nn_accuracy(nbrs, labels, train_labels),
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
-                if proc.main:
-                    common.save_checkpoint(ckpt_path, background=proc.world == 1,  # DDP: on disk before the barrier
-                                           stage="head", config=cfg, model=raw.state_dict(),
-                                           optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
-                                           args=common.args_dict(args))
-                if proc.world > 1:
-                    torch.distributed.barrier()
+                common.save_on_main(proc, ckpt_path, stage="head", config=cfg, model=raw.state_dict(),
+                                    optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
+                                    args=common.args_dict(args))
             if step >= last_step:
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:

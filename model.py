@@ -113,7 +113,10 @@ class VisionTransformer(nn.Module):
     """The ViT encoder of MAE. Its state dict is that of timm's VisionTransformer and of the official
     `mae_pretrain_vit_*.pth` files (position embedding as a buffer: it is fixed, never trained)."""
 
-    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3, **_):
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
+                 model=None, pooling="mean", decoder_embed_dim=None, decoder_depth=None, decoder_num_heads=None):
+        # model, pooling and the decoder's size complete a saved config (model_config) and are not used here, so
+        # one config rebuilds the encoder or the whole MAE; any other key is an error
         super().__init__()
         self.patch_size, self.in_chans = patch_size, in_chans
         self.grid = img_size // patch_size
@@ -280,11 +283,11 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
-def mlp(dims, last_bn=True, bias=False):
+def mlp(dims, last_bn=True):
     """Linear(no bias)-BN-ReLU blocks; the last Linear gets a BN only if last_bn (NNCLR projector)."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
+        layers.append(nn.Linear(a, b, bias=False))  # a bias before BN would be removed by its mean
         last = i == len(dims) - 2
         if not last:
             layers += [SyncBatchNorm1d(b), nn.ReLU(inplace=True)]
@@ -354,6 +357,18 @@ def nnclr_loss(nn_a, pred_b, temperature, rank=0):
     return F.cross_entropy(logits, labels)
 
 
+def symmetric_nnclr_loss(queue, z, pred, idx, temperature, topk, gather, rank):
+    """The NNCLR objective of two views: the neighbour in the queue of view 0's embedding z[0] (n, d) is the
+    positive of view 1's prediction, and the other way round; the two losses averaged. pred: the two (n, d)
+    predictions (normalised here and gathered over ranks, with gradient). Returns (loss, the queue slots of view
+    0's neighbours)."""
+    with torch.no_grad():
+        nn0, slots = queue.lookup(z[0], idx, topk)
+        nn1, _ = queue.lookup(z[1], idx, topk)
+    p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
+    return (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2, slots
+
+
 class MAECT(nn.Module):
     """Encoder + NNCLR head + queue: the model of stages 2 (head on a frozen encoder, encoder.freeze(depth))
     and 3 (upper blocks trained too, encoder.freeze(depth // 2)). With `target=True` (stage 3) an EMA copy of the projector supplies the
@@ -379,15 +394,12 @@ class MAECT(nn.Module):
         # ViT has no batch statistics, so both views go through the encoder at once: (2n, D)
         feats = self.encoder(torch.cat(views), self.pooling).chunk(2)
         proj, pred = zip(*(self.head(f) for f in feats))  # the head sees one view at a time: BN per view
-        with torch.no_grad():
+        with torch.no_grad():  # the embeddings that look up neighbours and fill the queue
             if self.target_projector is not None:
                 z = [F.normalize(self.target_projector(f).float(), dim=1) for f in feats]
             else:
                 z = [F.normalize(p.detach().float(), dim=1) for p in proj]
-            nn0, slots = self.queue.lookup(z[0], idx, topk)
-            nn1, _ = self.queue.lookup(z[1], idx, topk)
-        p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
-        loss = (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2
+        loss, slots = symmetric_nnclr_loss(self.queue, z, pred, idx, temperature, topk, gather, rank)
         return loss, z[0], self.queue.indices[slots]
 
 
@@ -407,35 +419,32 @@ class JointMAE(nn.Module):
         self.head = NNCLRHead(mae.cls_token.shape[-1], proj_hidden, proj_dim, pred_hidden)
         self.queue = NNQueue(queue_size, proj_dim)
 
-    def forward(self, views, idx, mask_ratio, temperature, gather=lambda x: x, rank=0):
-        """views: two (n, C, H, W) batches of the same images, idx (n,) their dataset indices. Returns
+    def forward(self, views, idx, mask_ratio, temperature, gather=lambda x: x, rank=0, noise=None):
+        """views: two (n, C, H, W) batches of the same images, idx (n,) their dataset indices, noise (2n, L) the
+        masking draws (see random_masking). Returns
         (MAE loss over both views, symmetric NNCLR loss, normalised view-0 projection to enqueue (n, d), dataset
         indices of view 0's neighbours (n,), as MAECT); the caller enqueues after the optimiser step."""
         imgs = torch.cat(views)  # (2n, C, H, W): the same masking draws as a plain MAE with two views
-        latent, mask, ids_restore = self.mae.forward_features(imgs, mask_ratio=mask_ratio)  # (2n, 1+K, D)
+        latent, mask, ids_restore = self.mae.forward_features(imgs, mask_ratio=mask_ratio, noise=noise)  # (2n, 1+K, D)
         mae_loss = self.mae.forward_loss(imgs, self.mae.forward_decoder(latent, ids_restore), mask)
         pooled = pool(latent, self.pooling)  # (2n, D), of the visible tokens
         proj, pred = zip(*(self.head(f) for f in pooled.chunk(2)))  # BN per view
-        with torch.no_grad():
-            z = [F.normalize(p.detach().float(), dim=1) for p in proj]
-            nn0, slots = self.queue.lookup(z[0], idx)
-            nn1, _ = self.queue.lookup(z[1], idx)
-        p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
-        nnclr = (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2
+        z = [F.normalize(p.detach().float(), dim=1) for p in proj]
+        nnclr, slots = symmetric_nnclr_loss(self.queue, z, pred, idx, temperature, 1, gather, rank)  # top-1
         return mae_loss, nnclr, z[0], self.queue.indices[slots]
 
 
 # ---------------------------------------------------------------- init and loading
 def init_weights(model):
     """The official MAE init: xavier-uniform for every Linear (and for the patch-embedding conv viewed as a
-    Linear, so its fan-in is p*p*C), zero biases, LayerNorm/BatchNorm at (1, 0), normal(0.02) for the CLS and
+    Linear, so its fan-in is p*p*C), zero biases, LayerNorm at (1, 0), normal(0.02) for the CLS and
     mask tokens. Position embeddings are fixed buffers and are left alone."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
+        elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     for m in model.modules():
@@ -468,8 +477,9 @@ def infer_encoder_config(sd):
 
 def encoder_state_dict(sd):
     """Encoder weights from any state dict we know: a stage-1 MAE (drops the decoder), a stage-2/3 MAECT
-    (strips 'encoder.'), an official MAE or timm ViT file. A position embedding without the CLS row
-    (timm's no_embed_class) gets a zero row in front."""
+    (strips 'encoder.'), an official MAE pre-training file, or a timm ViT without classifier and pooling norm
+    (num_classes=0, class-token pooling: a fine-tuned file's head and fc_norm do not load). A position embedding
+    without the CLS row (timm's no_embed_class) gets a zero row in front."""
     if any(k.startswith("encoder.") for k in sd):
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}

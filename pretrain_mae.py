@@ -30,7 +30,6 @@ import torch
 import common
 import data
 import evaluate
-from init_head import check_queue, nn_accuracy
 from model import PRESETS, JointMAE, MaskedAutoencoder, init_weights, model_config
 
 
@@ -60,8 +59,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    if args.dataset not in data.DATASETS:
-        raise common.UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+    common.check_dataset(args)
     args.img_size = args.img_size or data.default_img_size(args.dataset, args.data_path)
     args.patch_size = args.patch_size or (4 if args.img_size <= 64 else 16)
     try:
@@ -77,9 +75,7 @@ def main():
             raise common.UserError("--nnclr_weight > 0 pools the masked encoder tokens: --mask_ratio must be > 0")
         if args.compile_mode != "default":
             raise common.UserError("--compile_mode reduce-overhead is for the plain MAE (--nnclr_weight 0) only")
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise common.UserError(f"--resume but there is no checkpoint at {ckpt_path}")
+    ckpt_path = common.checkpoint_path(args)
 
     # ---- process ----
     proc = common.setup(args)
@@ -90,7 +86,7 @@ def main():
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed)
     common.check_batch(args.batch_size, len(train))
     if joint:
-        check_queue(args, len(train))
+        common.check_queue(args, len(train))
         train_labels = train.labels.to(proc.device)  # for the nn_acc diagnostic only
     loader = data.ViewLoader(train, local_batch, "mae", args.num_views, args.img_size, proc.device, proc.rank,
                              proc.world, args.seed, num_workers=args.num_workers)
@@ -128,7 +124,7 @@ def main():
     # ---- compile, DDP ----
     raw = model
     if args.compile:
-        model = torch.compile(model, mode=args.compile_mode)  # masks come as input: the same in every mode
+        model = torch.compile(model, mode=args.compile_mode)  # masks come as input (noise): the same in every mode
     model = common.ddp(model, proc)
 
     # ---- loop ----
@@ -148,13 +144,15 @@ def main():
             idx, views, labels = next(batches)
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
+            # the masks, drawn eagerly: the same in every compile mode (inductor has its own random stream)
+            noise = torch.rand(len(views) * len(idx), mae.grid ** 2, device=proc.device)  # (V*B, L)
             if joint:
                 with proc.autocast():
-                    mae_loss, nnclr_loss, z0, nbrs = model(views, idx, args.mask_ratio, args.temperature, gather, proc.rank)
+                    mae_loss, nnclr_loss, z0, nbrs = model(views, idx, args.mask_ratio, args.temperature, gather,
+                                                           proc.rank, noise=noise)
                 loss = mae_loss + args.nnclr_weight * nnclr_loss
             else:
                 imgs = torch.cat(views) if len(views) > 1 else views[0]  # (V*B, C, H, W)
-                noise = torch.rand(imgs.shape[0], mae.grid ** 2, device=imgs.device)  # the masks, drawn eagerly
                 with proc.autocast():
                     loss, _, _ = model(imgs, mask_ratio=args.mask_ratio, noise=noise)
             opt.zero_grad(set_to_none=True)
@@ -169,7 +167,7 @@ def main():
                 log(step, epoch=epoch, loss=loss.detach(), lr=cur_lr)
             elif log.due(step):  # both parts separately; nn_acc: how often the neighbour has the query's label
                 log(step, epoch=epoch, loss=loss.detach(), mae_loss=mae_loss.detach(), nnclr_loss=nnclr_loss.detach(),
-                    nn_acc=nn_accuracy(nbrs, labels, train_labels), lr=cur_lr)
+                    nn_acc=common.nn_accuracy(nbrs, labels, train_labels), lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 save(proc, args, raw, opt, step, epoch, cfg, ckpt_path)
             if step >= last_step:
@@ -185,15 +183,11 @@ def main():
 def save(proc, args, raw, opt, step, epoch, cfg, path):
     """"model" is always the plain MaskedAutoencoder state dict (init_head.py loads it strictly); a joint run
     adds its NNCLR head and queue under "nnclr_head" (JointMAE keys without the "mae." ones)."""
-    if proc.main:
-        joint = args.nnclr_weight > 0
-        extra = dict(nnclr_head={k: v for k, v in raw.state_dict().items() if not k.startswith("mae.")}) if joint else {}
-        common.save_checkpoint(path, background=proc.world == 1,  # DDP: on disk before the barrier
-                               stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
-                               optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
-                               args=common.args_dict(args), **extra)
-    if proc.world > 1:
-        torch.distributed.barrier()
+    joint = args.nnclr_weight > 0
+    extra = dict(nnclr_head={k: v for k, v in raw.state_dict().items() if not k.startswith("mae.")}) if joint else {}
+    common.save_on_main(proc, path, stage="mae", config=cfg, model=(raw.mae if joint else raw).state_dict(),
+                        optimizer=opt.state_dict(), step=step, epoch=epoch, seed=args.seed,
+                        args=common.args_dict(args), **extra)
 
 
 @torch.no_grad()

@@ -47,6 +47,25 @@ def test_joint_model_shapes_and_gradients():
     ref = mae(torch.cat(views), mask_ratio=0.75)[0]
     torch.manual_seed(1)
     assert torch.equal(joint(views, torch.arange(8), 0.75, 0.15)[0], ref)
+    # masks given as noise, as pretrain_mae.py draws them (eagerly: the same in every compile mode), are those used
+    noise = torch.rand(16, mae.grid ** 2)
+    torch.manual_seed(2)
+    ref = mae(torch.cat(views), mask_ratio=0.75, noise=noise)[0]
+    assert torch.equal(joint(views, torch.arange(8), 0.75, 0.15, noise=noise)[0], ref)
+
+
+def test_pretrain_gives_the_joint_model_its_masks(tmp_path, monkeypatch):
+    import model
+    seen = []
+    forward = model.JointMAE.forward
+
+    def spy(self, *a, noise=None, **k):
+        seen.append(noise)
+        return forward(self, *a, noise=noise, **k)
+    monkeypatch.setattr(model.JointMAE, "forward", spy)
+    ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--nnclr_weight", "1", *HEAD, "--compile", "0",
+                "--out_dir", tmp_path / "j"))
+    assert len(seen) == 2 and all(n is not None and n.shape == (2 * 32, 64) for n in seen)
 
 
 def test_joint_nnclr_loss_is_symmetric_cross_view_with_queue_neighbours():
@@ -82,13 +101,13 @@ def test_nnclr_weight_zero_is_plain_mae_bit_for_bit(tmp_path, monkeypatch):
     ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--nnclr_weight", "0", *HEAD, "--out_dir", b))
     # c: the same run with every piece of the NNCLR code made to fail if it is built or called (all three run in
     # this process, conftest.run_here)
-    import init_head
+    import common
     import model
 
     def boom(*a, **k):
         raise AssertionError("--nnclr_weight 0 must not build or call any NNCLR code")
-    for mod, name in [(model, "JointMAE"), (model, "NNCLRHead"), (model, "NNQueue"), (init_head, "check_queue"),
-                      (init_head, "nn_accuracy")]:
+    for mod, name in [(model, "JointMAE"), (model, "NNCLRHead"), (model, "NNQueue"), (common, "check_queue"),
+                      (common, "nn_accuracy")]:
         monkeypatch.setattr(mod, name, boom)
     ok(run_here("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--out_dir", c))
     ca, cb, cc = (load_ckpt(p / "ckpt.pt") for p in (a, b, c))

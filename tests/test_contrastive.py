@@ -491,11 +491,58 @@ def test_stage3_resume_equals_uninterrupted(chain, tmp_path):
     assert r.returncode == 2 and "was not trained with --encoder_ema" in r.stderr
 
 
+def test_stages_2_and_3_take_the_data_of_their_input_checkpoint(chain, tmp_path):
+    """Without --dataset, stage 2 trains on the MAE's data and stage 3 on the head's (not the flag default,
+    synthetic, which fits any 32-px RGB encoder); stage 3 on other images than the head's starts with an empty
+    queue, since the head's holds those images' indices; a file that does not say its data needs --dataset."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for split, n in (("train", 40), ("val", 8)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    ck = torch.load(chain / "mae.pt", weights_only=True)
+    common.save_checkpoint(str(tmp_path / "mae.pt"), **{**ck, "args": {"dataset": "imagefolder", "data_path": str(root)}})
+    small = ["--device", "cpu", "--batch_size", "16", "--num_workers", "0", "--warmup_epochs", "0.1"]
+    head = tmp_path / "head"
+    r = run("init_head.py", "--init_from", tmp_path / "mae.pt", *small, *SMALL_HEAD, "--queue_size", "32",
+            "--max_steps", "2", "--out_dir", head)
+    assert r.returncode == 0, r.stderr[-2000:]
+    h = torch.load(head / "ckpt.pt", weights_only=True)
+    assert (h["args"]["dataset"], h["args"]["data_path"]) == ("imagefolder", str(root))
+    assert h["model"]["queue.indices"].max() < 80  # indices of the 80 folder images
+    r = run("contrastive_tune.py", "--init_from", head / "ckpt.pt", *small, "--topk", "3", "--max_steps", "1",
+            "--out_dir", tmp_path / "ct")
+    assert r.returncode == 0 and "empty queue" not in r.stdout, r.stderr[-2000:]
+    c = torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)
+    assert (c["args"]["dataset"], c["args"]["data_path"]) == ("imagefolder", str(root))
+    assert (c["model"]["queue.indices"] >= 0).sum() == 32  # the head's queue, kept and refreshed
+    for other in (["--dataset", "synthetic"], ["--dataset", "imagefolder", "--data_path", tmp_path / "elsewhere"]):
+        if "elsewhere" in str(other[-1]):
+            shutil.copytree(root, tmp_path / "elsewhere")
+        r = run("contrastive_tune.py", "--init_from", head / "ckpt.pt", *other, *small, "--topk", "3",
+                "--max_steps", "1", "--out_dir", tmp_path / "ct2")
+        assert r.returncode == 0 and "other images than the head's: starting with an empty queue" in r.stdout, r.stderr[-2000:]
+        c = torch.load(tmp_path / "ct2" / "ckpt.pt", weights_only=True)
+        assert (c["model"]["queue.indices"] >= 0).sum() == 16  # only this run's one batch
+    r = ct(chain, tmp_path / "ct3", "--seed", "1", "--max_steps", "1")  # generated images: another seed, others
+    assert r.returncode == 0 and "other images than the head's" in r.stdout, r.stderr[-2000:]
+    torch.save({"model": encoder_only(ck["model"])}, tmp_path / "official.pth")
+    r = run("init_head.py", "--init_from", tmp_path / "official.pth", *small, "--out_dir", tmp_path / "h2")
+    assert_refused(r, tmp_path / "h2", "does not say what it was trained on: pass --dataset")
+
+
+def encoder_only(mae_sd):
+    return {k: v for k, v in mae_sd.items() if not k.startswith("decoder") and k != "mask_token"}
+
+
 def test_official_mae_file_is_accepted_by_init_head(tmp_path):
     cfg = model_config("vit_nano", 32, 4, 3)
     sd = init_weights(MaskedAutoencoder(**cfg)).state_dict()
-    enc = {k: v for k, v in sd.items() if not k.startswith("decoder") and k != "mask_token"}
-    torch.save({"model": enc}, tmp_path / "mae_pretrain_vit_nano.pth")  # the official layout: {"model": sd}
+    torch.save({"model": encoder_only(sd)}, tmp_path / "mae_pretrain_vit_nano.pth")  # the official layout: {"model": sd}
     r = run("init_head.py", "--init_from", tmp_path / "mae_pretrain_vit_nano.pth", "--dataset", "synthetic",
             "--batch_size", "64", "--max_steps", "2", "--out_dir", tmp_path / "h", "--device", "cpu", *SMALL_HEAD)
     assert r.returncode == 0, r.stderr[-2000:]

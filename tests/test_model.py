@@ -450,3 +450,9 @@ def test_model_config_rejects_bad_input():
     cfg = model_config("vit_small", 32, 4, 3)
     assert cfg["img_size"] == 32 and cfg["patch_size"] == 4 and cfg["in_chans"] == 3 and cfg["model"] == "vit_small"
     assert cfg["embed_dim"] == 384 and cfg["depth"] == 12 and cfg["num_heads"] == 6
+    # a saved config rebuilds the encoder or the whole MAE; a key that neither takes is an error, not ignored
+    VisionTransformer(**cfg)
+    with pytest.raises(TypeError, match="embed_dimm"):
+        VisionTransformer(**cfg, embed_dimm=999)
+    with pytest.raises(TypeError, match="embed_dimm"):
+        MaskedAutoencoder(**cfg, embed_dimm=999)
