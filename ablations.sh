@@ -56,10 +56,10 @@ POOLING=$pin AUG=1 bash reproduce.sh "$name" "$@"  # RUN/mae, RUN/head, RUN/ct (
 
 run() {  # run DIR SCRIPT FLAGS...: train unless DIR/DONE exists (it holds the wall seconds); resume if begun.
   # As reproduce.sh: DIR/SETTINGS keeps the command line, and a rerun with other settings (E3, STEPS, flags), or
-  # after the input stage was trained again (lib.sh), stops rather than reuse the arm.
+  # after the input stage was trained again (lib.sh), stops rather than reuse the arm; one that saved nothing starts again.
   local dir=$1 script=$2; shift 2
   local settings="$script $data --seed $SEED --batch_size $bs $*" input; input=$(arg_of --init_from "$@")
-  if [ -f "$dir/SETTINGS" ] && [ "$(cat "$dir/SETTINGS")" != "$settings" ]; then
+  if made_something "$dir" && [ "$(cat "$dir/SETTINGS")" != "$settings" ]; then
     echo "error: $dir was made with other settings ($(cat "$dir/SETTINGS")); use another RUN= or delete it" >&2; exit 2
   fi
   if ! made_from_current "$dir" "$input"; then

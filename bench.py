@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -26,24 +27,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import data
-from model import MAECT, MaskedAutoencoder, init_weights, model_config
+from model import MAECT, PRESETS, MaskedAutoencoder, init_weights, model_config
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--model", default="vit_nano", help="size preset (model.PRESETS)")
-p.add_argument("--img_size", type=int, default=32, help="input side in pixels")
-p.add_argument("--patch_size", type=int, default=4, help="patch side")
-p.add_argument("--batch_size", type=int, default=64, help="images per step")
+p = common.ArgumentParser(__doc__)
+p.add_argument("--model", default="vit_nano", choices=list(PRESETS), help="size preset (model.PRESETS)")
+p.add_argument("--img_size", type=common.POSITIVE_INT, default=32, help="input side in pixels")
+p.add_argument("--patch_size", type=common.POSITIVE_INT, default=4, help="patch side")
+p.add_argument("--batch_size", type=common.POSITIVE_INT, default=64, help="images per step")
 p.add_argument("--stages", default="mae,head,ct,features", help="comma list of mae, head, ct, features")
-p.add_argument("--steps", type=int, default=10, help="steps per timed run")
-p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
-p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+p.add_argument("--steps", type=common.POSITIVE_INT, default=10, help="steps per timed run")
+p.add_argument("--runs", type=common.POSITIVE_INT, default=5, help="timed runs; the median is reported")
+p.add_argument("--warmup", type=common.COUNT, default=3, help="untimed steps first (compilation happens here)")
 p.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default: on for CUDA)")
 p.add_argument("--compile_mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                help="torch.compile mode of our steps, the official model's compiled step and the end-to-end run "
                     "(reduce-overhead = CUDA graphs; for the head and ct stages it compiles their whole forward as one "
                     "graph, as the stage scripts do with --compile_mode reduce-overhead)")
 p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
-p.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length for the head/ct stages")
+p.add_argument("--queue_size", type=common.POSITIVE_INT, default=65536, help="NNCLR queue length for the head/ct stages")
 p.add_argument("--baseline", action="store_true", help="also time an MAE from timm blocks with the official recipe (needs timm)")
 p.add_argument("--end_to_end", default=None,
                help="dataset for end-to-end runs through data.ViewLoader (e.g. synthetic): the MAE step (mae in --stages) "
@@ -57,9 +58,19 @@ p.add_argument("--json", default=None, help="also write the rows to this file")
 p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
 args = p.parse_args()
 args.seed = 0
-proc = common.setup(args)  # sets compile/precision defaults from the device
+STAGES = ("mae", "head", "ct", "features")
+stages = args.stages.split(",")
+try:  # bad input: one error line, exit 2, as the stage scripts
+    if not set(stages) <= set(STAGES):
+        raise common.UserError(f"--stages {args.stages}: choose from {', '.join(STAGES)}")
+    if args.end_to_end and args.end_to_end not in data.DATASETS:
+        raise common.UserError(f"--end_to_end {args.end_to_end}: choose from {', '.join(data.DATASETS)}")
+    proc = common.setup(args)  # sets compile/precision defaults from the device
+    cfg = model_config(args.model, args.img_size, args.patch_size, 3)
+except (common.UserError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 dev, cuda = proc.device, proc.device.type == "cuda"
-cfg = model_config(args.model, args.img_size, args.patch_size, 3)
 B = args.batch_size
 
 
@@ -247,7 +258,7 @@ def e2e_step(stage="mae"):
 
 
 # ---------------------------------------------------------------- run
-rows = []
+rows, failed = [], []
 rate = peak_rate()
 proc.print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
            f"measured matmul {rate / 1e12:.1f} TFLOP/s ({'bf16' if cuda and proc.dtype == torch.bfloat16 else 'fp32'})")
@@ -263,8 +274,9 @@ def bench(name, make, flops_make=None):
         sec = time_step(step)
         if args.profile and not rows:
             profile(step)
-    except Exception as e:  # one broken variant should not hide the others' numbers
+    except Exception as e:  # one broken variant should not hide the others' numbers (the exit code says it)
         proc.print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        failed.append(name)
         return
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None  # before the eager copy below
     flops = None
@@ -287,7 +299,6 @@ def eager_mae():  # flop counting needs an uncompiled copy of the same step
     return mae_step(model, opt, proc.autocast)
 
 
-stages = args.stages.split(",")
 mode = f", {args.compile_mode}" if args.compile and args.compile_mode else ""
 if "mae" in stages:
     def ours():
@@ -327,3 +338,6 @@ if args.json:
     with open(args.json, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                        matmul_tflops=rate / 1e12, rows=rows), f, indent=1)
+if failed:
+    proc.print(f"error: {len(failed)} variant(s) failed: {'; '.join(failed)}")
+    sys.exit(1)

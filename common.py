@@ -2,6 +2,7 @@
 
 Kept small on purpose: a stage script should still read top to bottom without jumping here often.
 """
+import argparse
 import contextlib
 import gc
 import json
@@ -52,6 +53,47 @@ def main_guard(main):
 
 
 # ---------------------------------------------------------------- flags shared by every stage
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' conventions: the docstring is the help's description, every flag's default is
+    shown (unless its help already says it), and a bad flag is one line `error: ...` with exit code 2, as every
+    other input error (argparse's usage lines would bury it)."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=_HelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _number(kind, ok, what):
+    """An argparse type: a `kind` number for which ok(value) holds, or argparse's error naming the flag."""
+    def parse(text):
+        value = kind(text)  # a ValueError becomes argparse's "invalid int value"
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, lambda v: v > 0, "a positive integer")
+COUNT = _number(int, lambda v: v >= 0, "0 or a positive integer")
+POSITIVE = _number(float, lambda v: v > 0, "positive")
+NON_NEGATIVE = _number(float, lambda v: v >= 0, "0 or more")
+MOMENTUM = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # EMA momenta
+OPEN_FRACTION = _number(float, lambda v: 0 < v < 1, "in (0, 1)")  # the mask ratio
+AREA = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")  # the smallest crop area
+
+
 def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_help="passes over the training set",
                     dataset="synthetic"):
     """The flags every stage spells the same way; each script passes its own defaults (stages 2-3: dataset=None,
@@ -61,16 +103,16 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
                    + (" (default: the one the --init_from checkpoint was trained on)" if dataset is None else ""))
     g.add_argument("--data_path", default=None, help="dataset root (torchvision root, or a folder with train/ and val/ for imagefolder)"
                    + ("; default: the checkpoint's, when --dataset is its dataset too" if dataset is None else ""))
-    g.add_argument("--img_size", type=int, default=None, help="input side in pixels (default: 32 for CIFAR/synthetic, 28 for Fashion-MNIST; an image folder keeps images of at most 64 px, else 224)")
+    g.add_argument("--img_size", type=POSITIVE_INT, default=None, help="input side in pixels (default: 32 for CIFAR/synthetic, 28 for Fashion-MNIST; an image folder keeps images of at most 64 px, else 224)")
     g.add_argument("--data_on_gpu", type=int, default=None, choices=[0, 1], help="hold the uint8 dataset on the training device and augment there in batches; image folders only, the other datasets always are (default: on for small folders)")
-    g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per process (file-backed datasets only)")
+    g.add_argument("--num_workers", type=COUNT, default=8, help="DataLoader workers per process (file-backed datasets only)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
-    g.add_argument("--batch_size", type=int, default=batch_size, help="GLOBAL batch in images, split over all processes")
-    g.add_argument("--blr", type=float, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
-    g.add_argument("--warmup_epochs", type=float, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac * 100:.0f}%% of --epochs, as the paper)")
+    g.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help=epochs_help)
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=batch_size, help="GLOBAL batch in images, split over all processes")
+    g.add_argument("--blr", type=POSITIVE, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
+    g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac * 100:.0f}%% of --epochs, as the paper)")
     p.set_defaults(warmup_frac=warmup_frac)
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs); the schedule still spans --epochs")
+    g.add_argument("--max_steps", type=POSITIVE_INT, default=None, help="stop after this many steps (smoke runs); the schedule still spans --epochs")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=out_dir, help="run folder: ckpt.pt, log.jsonl, pictures")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (fails if there is none)")
@@ -78,9 +120,9 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--seed", type=int, default=0, help="seed; every random draw is a function of (seed, rank, step). "
                    "With --dataset synthetic it also picks the generated images: keep it across the stages")
-    g.add_argument("--log_every", type=int, default=20, help="steps between progress lines")
-    g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints (default: once per epoch)")
-    g.add_argument("--eval_every", type=int, default=0, help="epochs between k-NN checks on the val split, logged to log.jsonl (0: none; evaluate.py does the full evaluation)")
+    g.add_argument("--log_every", type=POSITIVE_INT, default=20, help="steps between progress lines")
+    g.add_argument("--save_every", type=POSITIVE_INT, default=None, help="steps between checkpoints (default: once per epoch)")
+    g.add_argument("--eval_every", type=COUNT, default=0, help="epochs between k-NN checks on the val split, logged to log.jsonl (0: none; evaluate.py does the full evaluation)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     return p
 
@@ -121,13 +163,11 @@ def check_batch(batch_size, n_train):
 
 
 def check_queue(args, n_train):
-    """Resolve --queue_size and refuse settings that the FIFO (or the views) cannot honour."""
+    """Resolve --queue_size and refuse settings that the FIFO cannot honour."""
     if args.queue_size is None:
         args.queue_size = max(args.batch_size, min(65536, n_train) // args.batch_size * args.batch_size)
     if args.queue_size % args.batch_size:
         raise UserError(f"--queue_size {args.queue_size} is not a multiple of the global batch {args.batch_size}")
-    if not 0 < getattr(args, "crop_min", 1) <= 1:
-        raise UserError(f"--crop_min {args.crop_min} is not in (0, 1]")
     if getattr(args, "topk", 1) > args.queue_size:
         raise UserError(f"--topk {args.topk} is larger than the queue ({args.queue_size})")
 
@@ -164,6 +204,8 @@ class Proc:
 def setup(args):
     """Single process, or one process per GPU/CPU slot under torchrun (NCCL on GPU, gloo on CPU)."""
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UserError(f"--device {dev}: use cuda, cuda:N or cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no GPU is visible")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -405,6 +447,26 @@ def want_resume(args, ckpt_path):
     return saved == run_id
 
 
+# What a resumed run may change: where and how it runs (and how often it logs and saves), and the base learning
+# rates (to go on lower after a divergence); not what the step count means or what it trains.
+RESUME_MAY_CHANGE = {"out_dir", "resume", "max_steps", "log_every", "save_every", "eval_every", "pictures", "device",
+                     "num_workers", "data_on_gpu", "data_path", "init_from", "compile", "compile_mode", "precision",
+                     "blr", "head_blr"}
+
+
+def check_resume_args(args, ckpt, path):
+    """A resumed run continues the saved one's schedule step by step, so the flags that set what it trains (batch,
+    epochs, warm-up, seed, model, data, ...) must be as they were: another --batch_size or --epochs would silently
+    reinterpret the step count."""
+    saved, now = ckpt.get("args", {}), args_dict(args)
+    changed = sorted(k for k in saved.keys() & now.keys() if k not in RESUME_MAY_CHANGE and saved[k] != now[k])
+    show = lambda v: f"{v:.6g}" if isinstance(v, float) else v
+    if changed:
+        raise UserError(f"{path} was trained with " + ", ".join(f"--{k} {show(saved[k])} (now {show(now[k])})"
+                                                                 for k in changed[:4])
+                        + ": resume with its settings, or start a new run in another --out_dir")
+
+
 def load_checkpoint(path, stages=None):
     """Load a checkpoint safely (weights_only=True: no pickled code runs) and check its stage. An official MAE
     `.pth` ({"model": state_dict}, no stage) is returned with stage "official"."""
@@ -526,8 +588,8 @@ def check_finite(loss, step, ckpt_path):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad)  # every rank stops together, even if only one saw the NaN
     if bad.item():
-        raise UserError(f"non-finite loss at step {step}: stopping; the last good checkpoint is {ckpt_path} "
-                        "(lower --blr or check the data)")
+        last = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was saved"
+        raise UserError(f"non-finite loss at step {step}: stopping; {last} (lower --blr or check the data)")
 
 
 def print_config(proc, args, **extra):

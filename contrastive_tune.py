@@ -31,7 +31,6 @@ aug +2.1 / +2.0, and at --blr 1e-3, the cifar10_5k recipe's for MAE-CT_aug, +7.8
 
 Writes OUT_DIR/ckpt.pt (stage "ct"; with --encoder_ema also the EMA encoder) and log.jsonl; evaluate.py reads it.
 """
-import argparse
 import copy
 import os
 
@@ -52,21 +51,21 @@ PAPER_BY_MODEL = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct", dataset=None,
                            epochs_help="passes over the training set (default: the paper's: 20, 30 for H; "
                                        "MAE-CT_aug 80, 40 for L and H)")
     add_head_args(p, stage3=True)
     g = p.add_argument_group("contrastive tuning")
-    g.add_argument("--topk", type=int, default=None, help="the positive is drawn uniformly from this many nearest "
+    g.add_argument("--topk", type=common.POSITIVE_INT, default=None, help="the positive is drawn uniformly from this many nearest "
                    "neighbours (default: the paper's, 20; 10 for MAE-CT_aug, but 20 for H; 1 = NNCLR)")
-    g.add_argument("--frozen_blocks", type=int, default=None, help="lower blocks kept frozen, besides the patch embedding and CLS token, which always are (default: half the depth)")
-    g.add_argument("--layer_decay", type=float, default=0.65, help="block b (0 = the lowest) trains at lr * layer_decay^(depth - b): the top block at lr * layer_decay, the final norm at lr")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of the encoder")
-    g.add_argument("--head_blr", type=float, default=None,
+    g.add_argument("--frozen_blocks", type=common.COUNT, default=None, help="lower blocks kept frozen, besides the patch embedding and CLS token, which always are (default: half the depth)")
+    g.add_argument("--layer_decay", type=common.POSITIVE, default=0.65, help="block b (0 = the lowest) trains at lr * layer_decay^(depth - b): the top block at lr * layer_decay, the final norm at lr")
+    g.add_argument("--weight_decay", type=common.NON_NEGATIVE, default=0.05, help="AdamW weight decay of the encoder")
+    g.add_argument("--head_blr", type=common.POSITIVE, default=None,
                    help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
-    g.add_argument("--target_ema", type=float, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
-    g.add_argument("--encoder_ema", type=float, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 over ImageNet's ~25k steps; a short run prints how much of the start it keeps; 0 = off)")
+    g.add_argument("--target_ema", type=common.MOMENTUM, default=None, help="momentum of the target projector (default: the paper's, 0.99; 0.995 for H)")
+    g.add_argument("--encoder_ema", type=common.MOMENTUM, default=0.0, help="keep an EMA of the encoder with this momentum (paper: 0.9999 over ImageNet's ~25k steps; a short run prints how much of the start it keeps; 0 = off)")
     return p.parse_args(argv)
 
 
@@ -110,14 +109,9 @@ def main():
                                    f"{args.batch_size}; pass --queue_size (a multiple) to start with an empty queue")
     args.views = args.views or head_args.get("views", "minimal")  # heads saved before --views existed: crop + flip
     paper_defaults(args, cfg["model"])
-    if args.topk < 1:
-        raise common.UserError("--topk must be at least 1")
-    for k in ("target_ema", "encoder_ema"):
-        if not 0 <= getattr(args, k) < 1:
-            raise common.UserError(f"--{k} {getattr(args, k)} is not in [0, 1)")
     depth = cfg["depth"]
     args.frozen_blocks = depth // 2 if args.frozen_blocks is None else args.frozen_blocks
-    if not 0 <= args.frozen_blocks < depth:
+    if args.frozen_blocks >= depth:
         raise common.UserError(f"--frozen_blocks must be in [0, {depth - 1}]")
 
     # ---- process ----
@@ -164,6 +158,7 @@ def main():
         if (encoder_ema is not None) != ("encoder_ema" in ckpt):
             raise common.UserError(f"{ckpt_path} was {'not ' if encoder_ema is not None else ''}trained with "
                                    "--encoder_ema; resume it with the EMA on or off as it was")
+        common.check_resume_args(args, ckpt, ckpt_path)
         common.load_strict(model, ckpt["model"], ckpt_path)
         common.load_optimizer(opt, ckpt["optimizer"])
         if encoder_ema is not None:

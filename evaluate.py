@@ -7,8 +7,10 @@ tokens); a stage-2/3 checkpoint with the pooling its head was trained on.
 
     # CPU smoke run on generated shapes (vit_nano: ~20 s; see the OMP note below)
     OMP_NUM_THREADS=1 python evaluate.py --init_from runs/mae_smoke/ckpt.pt --dataset synthetic --device cpu
-    # CIFAR-10, one GPU; the EMA encoder of a stage-3 run trained with --encoder_ema 0.9999
-    python evaluate.py --init_from runs/ct_c10/ckpt.pt --dataset cifar10 --data_path data/ --encoder_ema
+    # CIFAR-10, one GPU (the checkpoint's dataset and data path are the defaults)
+    python evaluate.py --init_from runs/ct_c10/ckpt.pt
+    # the EMA encoder of a stage-3 run trained with contrastive_tune.py --encoder_ema 0.9999
+    python evaluate.py --init_from runs/ct_ema/ckpt.pt --encoder_ema
     # ImageNet, 8 GPUs (extraction is sharded; the metrics run on every rank, rank 0 writes)
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from mae_pretrain_vit_base.pth --dataset imagefolder \\
         --data_path /data/imagenet --img_size 224 --probe_batch 4096
@@ -37,7 +39,6 @@ the paper uses for that model size (model.PRESETS). Pictures: knn_grid.png (each
 nearest training images, framed green when the class matches, red when not) and clusters.png (10 random val
 images of each of the 16 largest clusters of the best k-means run).
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -60,30 +61,30 @@ KEYS = ("knn10", "knn20", "linear", "linear_lr", "kmeans_acc_mean", "kmeans_acc_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--init_from", required=True, help="checkpoint of any stage (ckpt.pt) or an official MAE .pth")
     g.add_argument("--dataset", default=None, help=f"{' | '.join(data.DATASETS)} (default: the one the checkpoint was trained on)")
     g.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's, when --dataset is its dataset too)")
-    g.add_argument("--img_size", type=int, default=None, help="input side (default and only valid value: the checkpoint's)")
+    g.add_argument("--img_size", type=common.POSITIVE_INT, default=None, help="input side (default and only valid value: the checkpoint's)")
     g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature (default: the head's pooling; both for stage-1 and official checkpoints)")
     g.add_argument("--features", default="encoder", choices=["encoder", "projector", "predictor"], help="which output to evaluate; projector/predictor need a stage-2/3 checkpoint")
     g.add_argument("--encoder_ema", action="store_true", help="evaluate the EMA encoder weights of a stage-3 run (the paper's numbers most likely are)")
     g.add_argument("--metrics", default=",".join(METRICS), help="comma list of knn,linear,kmeans,lowshot,pictures; drop the slow ones for quick looks")
     g = p.add_argument_group("metric settings")
-    g.add_argument("--knn_k", type=int, nargs="+", default=[10, 20], help="neighbour counts for k-NN (10: authors, 20: DINO)")
-    g.add_argument("--kmeans_seeds", type=int, default=10, help="k-means restarts; mean and best are reported (fewer for quick runs)")
-    g.add_argument("--probe_epochs", type=int, default=100, help="linear-probe epochs over the stored features")
-    g.add_argument("--probe_lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], help="learning rates trained side by side; the best val accuracy is reported")
-    g.add_argument("--probe_batch", type=int, default=256, help="linear-probe batch; raise (e.g. 4096) on ImageNet-size sets for speed")
-    g.add_argument("--lowshot_l2", type=float, default=1e-3, help="L2 penalty of the low-shot logistic regression (larger: closer to a class-mean classifier)")
-    g.add_argument("--chunk", type=int, default=256, help="queries per k-NN similarity block (chunk x train-set floats); lower it if that does not fit")
+    g.add_argument("--knn_k", type=common.POSITIVE_INT, nargs="+", default=[10, 20], help="neighbour counts for k-NN (10: authors, 20: DINO)")
+    g.add_argument("--kmeans_seeds", type=common.POSITIVE_INT, default=10, help="k-means restarts; mean and best are reported (fewer for quick runs)")
+    g.add_argument("--probe_epochs", type=common.POSITIVE_INT, default=100, help="linear-probe epochs over the stored features")
+    g.add_argument("--probe_lrs", type=common.POSITIVE, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], help="learning rates trained side by side; the best val accuracy is reported")
+    g.add_argument("--probe_batch", type=common.POSITIVE_INT, default=256, help="linear-probe batch; raise (e.g. 4096) on ImageNet-size sets for speed")
+    g.add_argument("--lowshot_l2", type=common.NON_NEGATIVE, default=1e-3, help="L2 penalty of the low-shot logistic regression (larger: closer to a class-mean classifier)")
+    g.add_argument("--chunk", type=common.POSITIVE_INT, default=256, help="queries per k-NN similarity block (chunk x train-set floats); lower it if that does not fit")
     g = p.add_argument_group("run")
-    g.add_argument("--batch_size", type=int, default=256, help="GLOBAL batch for feature extraction (no gradients: raise it for speed)")
+    g.add_argument("--batch_size", type=common.POSITIVE_INT, default=256, help="GLOBAL batch for feature extraction (no gradients: raise it for speed)")
     g.add_argument("--out_dir", default=None, help="where results.json and pictures go (default: the checkpoint's folder/eval)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype for extraction (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per process (file-backed datasets only)")
+    g.add_argument("--num_workers", type=common.COUNT, default=8, help="DataLoader workers per process (file-backed datasets only)")
     g.add_argument("--seed", type=int, default=0, help="seed of k-means, the probe init and the pictures (low-shot splits are fixed); with "
                    "--dataset synthetic also of the generated images: give the training run's")
     return p.parse_args(argv)

@@ -20,7 +20,6 @@ ViT-T on Fashion-MNIST (one H200, 20 epochs in ~60 s), where MAE-CT clearly beat
 Fashion-MNIST on CPU, where it gains a little; on the CIFAR-10 5k subset 0.19 (chance 0.10), where it does not.
 Writes OUT_DIR/ckpt.pt (stage "head") and log.jsonl.
 """
-import argparse
 import os
 
 import common
@@ -30,7 +29,7 @@ from model import MAECT
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head", dataset=None)
     add_head_args(p)
     return p.parse_args(argv)
@@ -45,22 +44,22 @@ def add_head_args(p, stage3=False):
     inherit = " (default: the stage-2 head's)" if stage3 else ""
     g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS"
                    + (inherit or " (default: the paper's choice for the model size)"))
-    g.add_argument("--queue_size", type=int, default=None, help="queue length; a multiple of the global batch"
+    g.add_argument("--queue_size", type=common.POSITIVE_INT, default=None, help="queue length; a multiple of the global batch"
                    + (inherit or " (default: min(65536, train size) rounded down to one)"))
-    g.add_argument("--temperature", type=float, default=None if stage3 else 0.15, help="softmax temperature of the NNCLR loss "
+    g.add_argument("--temperature", type=common.POSITIVE, default=None if stage3 else 0.15, help="softmax temperature of the NNCLR loss "
                    + ("(default: the paper's for the model size and variant, 0.15 B and smaller, 0.2 L, 0.3 H; "
                       "MAE-CT_aug 0.15, 0.35 H)" if stage3 else "(paper: 0.15)"))
     for flag, default, text in [("--proj_hidden", 2048, "projector hidden width"),
                                 ("--proj_dim", 256, "embedding width (projector output, queue entries)"),
                                 ("--pred_hidden", 4096, "predictor hidden width")]:
-        g.add_argument(flag, type=int, default=None if stage3 else default, help=text + inherit)
-    g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the head")
+        g.add_argument(flag, type=common.POSITIVE_INT, default=None if stage3 else default, help=text + inherit)
+    g.add_argument("--head_weight_decay", type=common.NON_NEGATIVE, default=1e-5, help="AdamW weight decay of the head")
     g.add_argument("--views", default=None if stage3 else "minimal", choices=["minimal", "aug"],
                    help="minimal = crop + flip (MAE-CT); aug = the BYOL colour pipeline too (MAE-CT_aug, whose head the "
                         "authors also train on it)" + (" (default: the stage-2 head's; it also picks the defaults of "
                                                        "--topk, --head_blr, --epochs, --temperature)" if stage3
                                                        else "; stage 3 keeps this checkpoint's"))
-    g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
+    g.add_argument("--crop_min", type=common.AREA, default=0.08, help="smallest crop area of the views, as a fraction of the image (RandomResizedCrop scale (crop_min, 1); paper: 0.08)")
     if stage3:
         measured = ("1.51x the images/s of ViT-T on 28 px in this script (BENCHMARKS.md), whose step is bound by the "
                     "host; reproduce.sh's ViT-T recipes use it on one GPU. The top-k draws come from another random "
@@ -113,6 +112,7 @@ def main():
     step = 0
     if common.want_resume(args, ckpt_path):  # --resume, or a restart by torchrun --max_restarts
         ckpt = common.load_checkpoint(ckpt_path, stages=["head"])
+        common.check_resume_args(args, ckpt, ckpt_path)
         common.load_strict(model, ckpt["model"], ckpt_path)
         common.load_optimizer(opt, ckpt["optimizer"])
         step = ckpt["step"]

@@ -45,6 +45,9 @@ evaluated_already() {  # evaluated_already DIR CHECKPOINT: true (and says so) if
   if made_from_current "$1" "$2"; then echo "== $1: evaluated already, skipped"; return 0; fi
   echo "== $1: $2 was trained again since; evaluating it again"; rm "$1/results.json"; return 1
 }
+made_something() {  # made_something DIR: DIR has its SETTINGS and a checkpoint or DONE: settings to keep to
+  [ -f "$1/SETTINGS" ] && { [ -e "$1/ckpt.pt" ] || [ -e "$1/DONE" ]; }
+}
 record_from() {  # record_from DIR CHECKPOINT
   local id; id=$(input_id "$2")
   if [ -n "$id" ]; then echo "$id" > "$1/FROM"; fi

@@ -22,7 +22,6 @@ then reaches k-NN@10 84-87 and k-means ACC 57-61 (raw pixels, issue 6's anchor: 
 Writes OUT_DIR/ckpt.pt (stage "mae") every epoch, log.jsonl and recon_*.png (val images | masked | output).
 Kill it at any time and rerun with --resume: the run continues as if never interrupted.
 """
-import argparse
 import os
 
 import torch
@@ -34,26 +33,26 @@ from model import PRESETS, JointMAE, MaskedAutoencoder, init_weights, model_conf
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     common.add_common_args(p, epochs=800, batch_size=1024, blr=1.5e-4, warmup_frac=0.05, out_dir="runs/mae")
     g = p.add_argument_group("MAE")
     g.add_argument("--model", default="vit_tiny", choices=list(PRESETS), help="size preset (model.PRESETS); vit_nano for CPU smoke runs")
-    g.add_argument("--patch_size", type=int, default=None, help="patch side (default: 4 for images <= 64 px, else 16)")
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed (MAE: 0.75)")
-    g.add_argument("--num_views", type=int, default=1, help="views per image per step (the MAE-CT authors use 2; lr counts views)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on matrices (none on biases, norms, tokens)")
+    g.add_argument("--patch_size", type=common.POSITIVE_INT, default=None, help="patch side (default: 4 for images <= 64 px, else 16)")
+    g.add_argument("--mask_ratio", type=common.OPEN_FRACTION, default=0.75, help="fraction of patches removed (MAE: 0.75)")
+    g.add_argument("--num_views", type=common.POSITIVE_INT, default=1, help="views per image per step (the MAE-CT authors use 2; lr counts views)")
+    g.add_argument("--weight_decay", type=common.NON_NEGATIVE, default=0.05, help="AdamW weight decay on matrices (none on biases, norms, tokens)")
     g.add_argument("--no_norm_pix_loss", action="store_true", help="regress raw pixels instead of per-patch normalised ones")
-    g.add_argument("--pictures", type=int, default=10, help="save a reconstruction grid of val images every N epochs and at the end (0: never)")
+    g.add_argument("--pictures", type=common.COUNT, default=10, help="save a reconstruction grid of val images every N epochs and at the end (0: never)")
     g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
                    help="torch.compile mode; reduce-overhead replays the step as CUDA graphs: 1.7x the images/s of ViT-T on 28 px (BENCHMARKS.md), whose step is bound by the host. Plain MAE only")
     g = p.add_argument_group("joint MAE + NNCLR (an ablation; 0 = plain MAE)")
-    g.add_argument("--nnclr_weight", type=float, default=0.0, help="lambda: train MAE + lambda * NNCLR from the start on two views per image (MAE-CT's ablation; the paper's recipe is MAE, then init_head.py, then contrastive_tune.py). 0: plain MAE, no NNCLR part is built")
-    g.add_argument("--queue_size", type=int, default=None, help="NNCLR queue length, a multiple of the global batch (default: min(65536, train size) rounded down to one)")
-    g.add_argument("--temperature", type=float, default=0.15, help="softmax temperature of the NNCLR loss")
-    g.add_argument("--proj_hidden", type=int, default=2048, help="projector hidden width")
-    g.add_argument("--proj_dim", type=int, default=256, help="embedding width (projector output, queue entries)")
-    g.add_argument("--pred_hidden", type=int, default=4096, help="predictor hidden width")
-    g.add_argument("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the NNCLR head")
+    g.add_argument("--nnclr_weight", type=common.NON_NEGATIVE, default=0.0, help="lambda: train MAE + lambda * NNCLR from the start on two views per image (MAE-CT's ablation; the paper's recipe is MAE, then init_head.py, then contrastive_tune.py). 0: plain MAE, no NNCLR part is built")
+    g.add_argument("--queue_size", type=common.POSITIVE_INT, default=None, help="NNCLR queue length, a multiple of the global batch (default: min(65536, train size) rounded down to one)")
+    g.add_argument("--temperature", type=common.POSITIVE, default=0.15, help="softmax temperature of the NNCLR loss")
+    g.add_argument("--proj_hidden", type=common.POSITIVE_INT, default=2048, help="projector hidden width")
+    g.add_argument("--proj_dim", type=common.POSITIVE_INT, default=256, help="embedding width (projector output, queue entries)")
+    g.add_argument("--pred_hidden", type=common.POSITIVE_INT, default=4096, help="predictor hidden width")
+    g.add_argument("--head_weight_decay", type=common.NON_NEGATIVE, default=1e-5, help="AdamW weight decay of the NNCLR head")
     return p.parse_args(argv)
 
 
@@ -66,13 +65,9 @@ def main():
         cfg = model_config(args.model, args.img_size, args.patch_size, data.num_channels(args.dataset))
     except ValueError as e:
         raise common.UserError(str(e))
-    if args.nnclr_weight < 0:
-        raise common.UserError("--nnclr_weight must be >= 0")
     joint = args.nnclr_weight > 0
     if joint:
         args.num_views = 2  # NNCLR needs two views of each image; the MAE loss then covers both
-        if args.mask_ratio <= 0:
-            raise common.UserError("--nnclr_weight > 0 pools the masked encoder tokens: --mask_ratio must be > 0")
         if args.compile_mode != "default":
             raise common.UserError("--compile_mode reduce-overhead is for the plain MAE (--nnclr_weight 0) only")
     ckpt_path = common.checkpoint_path(args)
@@ -112,6 +107,7 @@ def main():
         ckpt = common.load_checkpoint(ckpt_path, stages=["mae"])
         if joint != ("nnclr_head" in ckpt):
             raise common.UserError(f"{ckpt_path} was {'not ' if joint else ''}trained with --nnclr_weight > 0; resume it with the same setting")
+        common.check_resume_args(args, ckpt, ckpt_path)
         common.load_strict(mae, ckpt["model"], ckpt_path)
         if joint:  # head and queue live under their own key, so the "model" entry stays a plain MAE
             common.load_strict(model, {**{"mae." + k: v for k, v in ckpt["model"].items()}, **ckpt["nnclr_head"]}, ckpt_path)

@@ -126,7 +126,8 @@ mkdir -p "$RUN" && echo "$origin" > "$RUN/MAE"
 
 stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume when a checkpoint is there.
   # RUN/NAME/SETTINGS keeps the stage's command line: a rerun with other settings (another recipe, E1/E2/E3, STEPS,
-  # flags) stops instead of skipping or resuming a stage that was made differently.
+  # flags) stops instead of skipping or resuming a stage that was made differently. A stage that saved nothing yet
+  # (it failed on a mistyped flag or missing data, say) simply starts again with the new settings.
   local dir=$RUN/$1 script=$2; shift 2
   local settings="$script $data --seed $SEED $*"
   # Stages 2-3 changed in code, not in flags, in session 10 (AdamW beta2 0.95 and the head's default init, as the
@@ -134,7 +135,7 @@ stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume
   # The generated shapes changed in code in session 11 (tiled): the tag keeps a smoke stage trained on the old ones.
   case $script in init_head.py|contrastive_tune.py) settings="[stages 2-3 of session 10] $settings" ;; esac
   if [ "$name" = smoke ]; then settings="[tiled shapes of session 11] $settings"; fi
-  if [ -f "$dir/SETTINGS" ] && [ "$(cat "$dir/SETTINGS")" != "$settings" ]; then
+  if made_something "$dir" && [ "$(cat "$dir/SETTINGS")" != "$settings" ]; then
     if [[ $settings == "[tiled shapes"* && $(cat "$dir/SETTINGS") != "[tiled shapes"* ]]; then
       echo "error: $dir has no tag of session 11's tiled generated shapes, so it may have seen the untiled ones;" \
            "use another RUN= (and no stage 1 from such a folder as MAE=)" >&2

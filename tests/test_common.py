@@ -42,10 +42,14 @@ def test_progress_line_counts_the_images_since_the_last_line(monkeypatch, tmp_pa
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_check_finite_stops_on_nan_and_on_inf(value):
-    common.check_finite(torch.tensor(1.5), 3, "ckpt.pt")  # a finite loss passes
-    with pytest.raises(common.UserError, match="non-finite loss at step 3: stopping; the last good checkpoint is ckpt.pt"):
-        common.check_finite(torch.tensor(value), 3, "ckpt.pt")
+def test_check_finite_stops_on_nan_and_on_inf(value, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    common.check_finite(torch.tensor(1.5), 3, str(ckpt))  # a finite loss passes
+    with pytest.raises(common.UserError, match="non-finite loss at step 3: stopping; no checkpoint was saved"):
+        common.check_finite(torch.tensor(value), 3, str(ckpt))  # before the first save
+    ckpt.write_bytes(b"")
+    with pytest.raises(common.UserError, match=f"non-finite loss at step 3: stopping; the last good checkpoint is {ckpt}"):
+        common.check_finite(torch.tensor(value), 3, str(ckpt))
 
 
 def test_load_strict_names_what_is_missing_unexpected_or_misshapen():
@@ -57,3 +61,46 @@ def test_load_strict_names_what_is_missing_unexpected_or_misshapen():
     with pytest.raises(common.UserError, match=r"^f.pt does not match the model: missing \['norm.weight'\]; "
                                                r"unexpected \['extra'\]; wrong shape \['norm.bias \(3,\) vs \(64,\)'\]$"):
         common.load_strict(enc, sd, "f.pt")
+
+
+# ---------------------------------------------------------------- flags
+@pytest.mark.parametrize("script,flags,text", [
+    ("pretrain_mae.py", ["--epochs", "0"], "--epochs: 0 is not a positive integer"),
+    ("pretrain_mae.py", ["--max_steps", "-3"], "--max_steps: -3 is not a positive integer"),
+    ("pretrain_mae.py", ["--batch_size", "0"], "--batch_size: 0 is not a positive integer"),
+    ("pretrain_mae.py", ["--log_every", "0"], "--log_every: 0 is not a positive integer"),
+    ("pretrain_mae.py", ["--mask_ratio", "1.0"], "--mask_ratio: 1.0 is not in (0, 1)"),
+    ("pretrain_mae.py", ["--blr", "-1"], "--blr: -1 is not positive"),
+    ("pretrain_mae.py", ["--warmup_epochs", "-1"], "--warmup_epochs: -1 is not 0 or more"),
+    ("pretrain_mae.py", ["--num_views", "0"], "--num_views: 0 is not a positive integer"),
+    ("pretrain_mae.py", ["--device", "tpu"], "--device tpu: use cuda, cuda:N or cpu"),
+    ("init_head.py", ["--queue_size", "0"], "--queue_size: 0 is not a positive integer"),
+    ("init_head.py", ["--temperature", "0"], "--temperature: 0 is not positive"),
+    ("contrastive_tune.py", ["--topk", "0"], "--topk: 0 is not a positive integer"),
+    ("evaluate.py", ["--kmeans_seeds", "0"], "--kmeans_seeds: 0 is not a positive integer"),
+    ("evaluate.py", ["--knn_k", "10", "0"], "--knn_k: 0 is not a positive integer"),
+    ("evaluate.py", ["--chunk", "0"], "--chunk: 0 is not a positive integer"),
+    ("evaluate.py", ["--probe_epochs", "0"], "--probe_epochs: 0 is not a positive integer"),
+    ("evaluate.py", ["--epochs", "3"], "unrecognized arguments: --epochs 3"),
+])
+def test_a_bad_flag_value_is_one_error_line_before_anything_runs(tmp_path, script, flags, text):
+    """Values no run can use are refused by the parser (argparse's message, in the scripts' one-line form), not met
+    later as a traceback or, for --epochs 0, as 'done: 0 steps' with no checkpoint."""
+    from tests.conftest import run_in_process
+    init = [] if script == "pretrain_mae.py" else ["--init_from", tmp_path / "none.pt"]
+    device = [] if "--device" in flags else ["--device", "cpu"]
+    code, _, err = run_in_process(script, *init, *flags, *device, "--out_dir", tmp_path / "o")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], err[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_shows_each_flags_default():
+    p = common.ArgumentParser("doc")
+    p.add_argument("--a", type=common.POSITIVE_INT, default=7, help="a count")
+    p.add_argument("--b", default=None, help="b (default: the checkpoint's)")
+    p.add_argument("--c", type=int, default=0, help="c")
+    p.add_argument("--d", action="store_true", help="d")
+    text = " ".join(p.format_help().split())
+    assert "a count (default: 7)" in text and "b (default: the checkpoint's) " in text and "c (default: 0)" in text
+    assert "d (default" not in text

@@ -573,9 +573,9 @@ def test_bad_input(chain, tmp_path):
     assert_refused(run("init_head.py", *stage_args(chain, "init_head.py"), "--dataset", "synthetic", "--batch_size", "8192",
                        "--out_dir", out, "--device", "cpu"), out, "--batch_size 8192 is larger than the training set")
     assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
-    assert_refused(ct(chain, out, "--crop_min", "0"), out, "--crop_min 0.0 is not in (0, 1]")
-    assert_refused(ct(chain, out, "--encoder_ema", "1"), out, "--encoder_ema 1.0 is not in [0, 1)")
-    assert_refused(ct(chain, out, "--target_ema", "-0.5"), out, "--target_ema -0.5 is not in [0, 1)")
+    assert_refused(ct(chain, out, "--crop_min", "0"), out, "--crop_min: 0 is not in (0, 1]")
+    assert_refused(ct(chain, out, "--encoder_ema", "1"), out, "--encoder_ema: 1 is not in [0, 1)")
+    assert_refused(ct(chain, out, "--target_ema", "-0.5"), out, "--target_ema: -0.5 is not in [0, 1)")
     assert_refused(ct(chain, out, "--pooling", "cls"), out, "--pooling cls differs from the stage-2 head")
     assert_refused(ct(chain, out, "--proj_dim", "64"), out, "--proj_dim 64 differs from the stage-2 head")
     assert_refused(run("contrastive_tune.py", "--init_from", tmp_path / "nope.pt", "--out_dir", out), out, "not found")

@@ -142,3 +142,19 @@ def test_peak_lr_counts_the_views(tmp_path, views):
                  "--num_views", views, "--out_dir", tmp_path))
     lrs = [r["lr"] for r in _log(tmp_path / "log.jsonl") if "lr" in r]
     assert lrs == pytest.approx([3e-4 * 64 * views / 256 * s / 7 for s in range(8)])
+
+
+def test_resume_refuses_other_training_settings(tmp_path):
+    """--resume continues the saved schedule step by step: another batch or epoch count would silently change it,
+    so it is refused (nothing written); how often it logs, where it stops (--max_steps) and the lr may change."""
+    out = tmp_path / "run"
+    _ok(run_here("pretrain_mae.py", *SYNTH, "--epochs", "2", "--max_steps", "2", "--out_dir", out))
+    for flags, text in [(["--epochs", "3"], "was trained with --epochs 2 (now 3), --warmup_epochs 0.1 (now 0.15)"),
+                        (["--epochs", "2", "--batch_size", "16", "--seed", "5"], "--batch_size 32 (now 16), --seed 0 (now 5)")]:
+        before = (out / "ckpt.pt").read_bytes()
+        code, _, err = run_in_process("pretrain_mae.py", *SYNTH, *flags, "--max_steps", "3", "--resume", "--out_dir", out)
+        assert code == 2 and err.strip().startswith("error: ") and text in err, err[-2000:]
+        assert (out / "ckpt.pt").read_bytes() == before
+    _ok(run_here("pretrain_mae.py", *SYNTH, "--epochs", "2", "--max_steps", "3", "--log_every", "1", "--blr", "1e-4",
+                 "--resume", "--out_dir", out))  # a lower lr after a divergence, say
+    assert load_ckpt(out / "ckpt.pt")["step"] == 3

@@ -225,6 +225,19 @@ def test_an_interrupted_stage_resumes_and_the_table_puts_each_number_in_its_colu
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_stage_that_failed_before_saving_starts_again_with_the_corrected_settings(tmp_path):
+    """A first attempt that failed before stage 1 saved anything (a mistyped flag, data not found) leaves no
+    settings to keep: the corrected command runs. Once the stage has a checkpoint, other settings are refused."""
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "typo"), AUG="0", FAIL_OUT="mae")
+    assert r.returncode != 0 and not (tmp_path / "run" / "mae" / "ckpt.pt").exists()
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d"), AUG="0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert value(recorded_calls(calls)[0][0], "--data_path") == "d"
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d2"), AUG="0")
+    assert r.returncode == 2 and "was made with other settings" in r.stderr and recorded_calls(calls) == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_copied_stage_1_is_reused_in_a_new_run_folder(tmp_path):
     """A stage 1 and its evaluation copied into a new RUN (as RESULTS.md's runs tune one MAE two ways) are skipped
     there: only stages 2-3 and their evaluation run, here with the other pooling."""
