@@ -19,7 +19,11 @@
 # Tables: RUN/ablations.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-name=${1:?usage: bash ablations.sh smoke|cifar10_5k [flags]}
+case ${1:-} in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  "") echo "usage: bash ablations.sh smoke|cifar10_5k [flags] (--help: the experiments and settings)" >&2; exit 2 ;;
+esac
+name=$1
 shift
 SEED=${SEED:-0}
 

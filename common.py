@@ -216,6 +216,7 @@ def setup(args):
             dev = f"cuda:{local}"
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     device = torch.device(dev)
+    args.device = str(device)  # resolved, for the config line and the checkpoint's arguments
     if args.batch_size % world:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
     if getattr(args, "warmup_epochs", 0) is None:
@@ -476,8 +477,9 @@ def load_checkpoint(path, stages=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or a pickle that wants to run code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path} (corrupt, not a checkpoint, or unsafe pickle): {first[:200]}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read checkpoint {path} (corrupt, not a checkpoint, or unsafe pickle): "
+                        f"{type(e).__name__} {first[:200]}".rstrip())
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
         raise UserError(f"{path} is not a checkpoint of this project or an official MAE file (no 'model' state dict)")
     ckpt.setdefault("stage", "official")
@@ -564,9 +566,10 @@ class Logger:
         dt = time.time() - self.t0
         rate = (step - self.s0) * self.ips / max(dt, 1e-9)
         eta = (self.last - step) * self.ips / max(rate, 1e-9)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if self.proc.device.type == "cuda" else 0.0
+        mem = torch.cuda.max_memory_allocated() / 2**30 if self.proc.device.type == "cuda" else 0.0  # peak
         body = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
-        self.proc.print(f"step {step}/{self.total} {body} | {rate:,.0f} img/s | ETA {eta / 60:.1f} min | mem {mem:.1f} GiB")
+        shown = f" | mem {mem:.1f} GiB" if self.proc.device.type == "cuda" else ""
+        self.proc.print(f"step {step}/{self.total} {body} | {rate:,.0f} img/s | ETA {eta / 60:.1f} min{shown}")
         self.write(dict(step=step, **vals, img_per_s=round(rate, 1), mem_gib=round(mem, 2)))
         self.t0, self.s0 = time.time(), step
 

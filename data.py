@@ -136,8 +136,11 @@ def _torchvision_dataset(dataset, root, train):
     try:
         return cls[dataset](root=str(root), train=train, download=True)
     except Exception as e:
+        hint = " or pass --data_path" if Path(root) == DEFAULT_ROOT else ""
+        if dataset == "fashion_mnist":
+            hint += f" (offline: apt-get install dataset-fashion-mnist puts them in {DEBIAN_FASHION_MNIST})"
         raise DataError(f"{dataset} not found under {root} and download failed ({type(e).__name__}); put the "
-                        f"torchvision {cls[dataset].__name__} files there or pass --data_path") from None
+                        f"torchvision {cls[dataset].__name__} files there{hint}") from None
 
 
 def _unpack_debian_fashion_mnist(root):

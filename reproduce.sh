@@ -41,7 +41,12 @@
 # smoke run made before session 11 (the generated shapes are tiled since then: its stage 1 saw other images).
 set -euo pipefail
 cd "$(dirname "$0")"
-name=${1:?usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100|imagenet [flags]}
+usage="usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100|imagenet [flags]"
+case ${1:-} in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  "") echo "$usage (--help: the recipes and settings)" >&2; exit 2 ;;
+esac
+name=$1
 shift
 SEED=${SEED:-0}
 
@@ -100,6 +105,10 @@ RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
 # --device cpu (dev, from eval_flags): no GPU is used, and none is counted (a torch import)
 if [ "$dev" = cpu ]; then ngpu=0; else ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0); fi
+case $name in smoke|cifar10_5k) ;; *) if [ "$ngpu" = 0 ]; then
+  echo "note: no GPU in use: the $name recipe is sized for GPUs and takes hours to days on a CPU;" \
+       "smoke and cifar10_5k are the CPU recipes" >&2; fi ;;
+esac
 AUG=${AUG:-$aug}
 case $AUG in 0|1) ;; *) echo "error: AUG='$AUG' (0 or 1)" >&2; exit 2 ;; esac
 GRAPHS=${GRAPHS:-all}
@@ -109,7 +118,7 @@ case $ARMS in serial|parallel) ;; *) echo "error: ARMS='$ARMS' (serial or parall
 if [ "$ARMS" = parallel ] && [ "$ngpu" -gt 1 ]; then
   echo "error: ARMS=parallel is for one GPU (or CPU); with $ngpu GPUs each arm already uses them all" >&2; exit 2
 fi
-if [ "$graphs" = 1 ] && [ "$ngpu" -le 1 ]; then  # measured on one GPU, not under DDP
+if [ "$graphs" = 1 ] && [ "$ngpu" = 1 ]; then  # measured on one GPU, not under DDP (nor on CPU: no compile there)
   if [ "$GRAPHS" != none ]; then mae_extra="$mae_extra --compile_mode reduce-overhead"; fi
   if [ "$GRAPHS" = all ]; then ct_extra="--compile_mode reduce-overhead"; fi
 fi

@@ -107,7 +107,7 @@ RECIPES = {"smoke": (False, "cls"), "cifar10_5k": (False, None), "fashion_mnist"
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, recipe):
     graphs, pooling = RECIPES[recipe]
-    for ngpu in (1, 2):
+    for ngpu in (0, 1, 2):
         calls = recipe_calls(tmp_path / str(ngpu), recipe, ngpu, AUG="1")  # smoke runs MAE-CT_aug only when asked
         (mae, _), = calls["pretrain_mae.py"]
         heads = [a for a, _ in calls["init_head.py"]]
@@ -140,6 +140,17 @@ def test_recipes_use_cuda_graphs_on_one_gpu_only_and_their_pooling(tmp_path, rec
     assert all(value(a, "--compile_mode") is None for c in calls.values() for a, _ in c)
     assert [value(a, "--blr") for a, _ in calls["contrastive_tune.py"]] == [value(c, "--blr") for c in cts]
     assert [value(h, "--pooling") for h, _ in calls["init_head.py"]] == [pooling] * 2
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_gpu_recipe_without_a_gpu_says_so_and_help_and_no_recipe(tmp_path):
+    for recipe, ngpu, noted in [("fashion_mnist", 0, True), ("fashion_mnist", 1, False), ("smoke", 0, False)]:
+        r, _ = fake_reproduce(tmp_path / f"{recipe}{ngpu}", recipe, ngpu)
+        assert r.returncode == 0 and ("note: no GPU in use" in r.stderr) == noted, r.stderr[-2000:]
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("MAE-CT end to end") and "SEED (default 0)" in r.stdout
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.startswith("usage: bash reproduce.sh smoke|")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
