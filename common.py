@@ -569,7 +569,8 @@ class Logger:
         mem = torch.cuda.max_memory_allocated() / 2**30 if self.proc.device.type == "cuda" else 0.0  # peak
         body = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
         shown = f" | mem {mem:.1f} GiB" if self.proc.device.type == "cuda" else ""
-        self.proc.print(f"step {step}/{self.total} {body} | {rate:,.0f} img/s | ETA {eta / 60:.1f} min{shown}")
+        of = f"{self.last} (--max_steps; schedule {self.total})" if self.last < self.total else f"{self.total}"
+        self.proc.print(f"step {step}/{of} {body} | {rate:,.0f} img/s | ETA {eta / 60:.1f} min{shown}")
         self.write(dict(step=step, **vals, img_per_s=round(rate, 1), mem_gib=round(mem, 2)))
         self.t0, self.s0 = time.time(), step
 

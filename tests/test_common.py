@@ -38,7 +38,7 @@ def test_progress_line_counts_the_images_since_the_last_line(monkeypatch, tmp_pa
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["img_per_s"] for r in lines] == [20.0, 100.0]
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("step 50/100 loss 1") and first.endswith("| 20 img/s | ETA 0.1 min")  # 100 images at 20/s; no GPU memory on CPU
+    assert first.startswith("step 50/60 (--max_steps; schedule 100) loss 1") and first.endswith("| 20 img/s | ETA 0.1 min")  # 100 images at 20/s; no GPU memory on CPU
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
