@@ -4,9 +4,8 @@
 #   2. the top-k lookup as a data-driven augmentation: contrastive tuning with k = 1, 5, 10, 20, 50 vs MAE-CT_aug
 #   3. MAE + lambda * NNCLR from the start (pretrain_mae.py --nnclr_weight) vs the sequential MAE -> head -> tuning
 #
-#   bash ablations.sh smoke                  # generated shapes, vit_nano, CPU (not timed as a whole at today's
-#                                            # 30/10/10 epochs; ABLATIONS.md's 28 min 34 s was 10/5/5 epochs, the old
-#                                            # shapes, on a CPU shared with test runs)
+#   bash ablations.sh smoke                  # generated shapes, vit_nano, CPU, 10/5/5 epochs (ABLATIONS.md: 28 min
+#                                            # 34 s on the untiled shapes, on a CPU shared with test runs)
 #   bash ablations.sh cifar10_5k --device cpu
 #
 # Stage 1, 2 and the recipe's stage 3 come from reproduce.sh, run first into the same RUN folder (a finished stage
@@ -20,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 case ${1:-} in
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,/^set -euo/p' "$(basename "$0")" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # (after the cd)
   "") echo "usage: bash ablations.sh smoke|cifar10_5k [flags] (--help: the experiments and settings)" >&2; exit 2 ;;
 esac
 name=$1

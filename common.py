@@ -74,11 +74,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _number(kind, ok, what):
-    """An argparse type: a `kind` number for which ok(value) holds, or argparse's error naming the flag."""
+def _number(kind, ok, what, finite=True):
+    """An argparse type: a (finite) `kind` number for which ok(value) holds, or argparse's error naming the flag."""
     def parse(text):
         value = kind(text)  # a ValueError becomes argparse's "invalid int value"
-        if not ok(value):
+        if not ok(value) or (finite and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
         return value
     parse.__name__ = kind.__name__
@@ -88,6 +88,7 @@ def _number(kind, ok, what):
 POSITIVE_INT = _number(int, lambda v: v > 0, "a positive integer")
 COUNT = _number(int, lambda v: v >= 0, "0 or a positive integer")
 POSITIVE = _number(float, lambda v: v > 0, "positive")
+BASE_LR = _number(float, lambda v: v > 0, "positive", finite=False)  # inf: caught by the non-finite checks (FAULTS.md)
 NON_NEGATIVE = _number(float, lambda v: v >= 0, "0 or more")
 MOMENTUM = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # EMA momenta
 OPEN_FRACTION = _number(float, lambda v: 0 < v < 1, "in (0, 1)")  # the mask ratio
@@ -109,7 +110,7 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help=epochs_help)
     g.add_argument("--batch_size", type=POSITIVE_INT, default=batch_size, help="GLOBAL batch in images, split over all processes")
-    g.add_argument("--blr", type=POSITIVE, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
+    g.add_argument("--blr", type=BASE_LR, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
     g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac * 100:.0f}%% of --epochs, as the paper)")
     p.set_defaults(warmup_frac=warmup_frac)
     g.add_argument("--max_steps", type=POSITIVE_INT, default=None, help="stop after this many steps (smoke runs); the schedule still spans --epochs")
@@ -448,11 +449,12 @@ def want_resume(args, ckpt_path):
     return saved == run_id
 
 
-# What a resumed run may change: where and how it runs (and how often it logs and saves), and the base learning
-# rates (to go on lower after a divergence); not what the step count means or what it trains.
+# What a resumed run may change: where and how it runs (and how often it logs and saves), and the optimiser's and
+# EMAs' settings (load_optimizer keeps this run's; to go on lower after a divergence, say); not what the step count
+# means or what is trained on.
 RESUME_MAY_CHANGE = {"out_dir", "resume", "max_steps", "log_every", "save_every", "eval_every", "pictures", "device",
                      "num_workers", "data_on_gpu", "data_path", "init_from", "compile", "compile_mode", "precision",
-                     "blr", "head_blr"}
+                     "blr", "head_blr", "weight_decay", "head_weight_decay", "layer_decay", "target_ema", "encoder_ema"}
 
 
 def check_resume_args(args, ckpt, path):
@@ -525,7 +527,7 @@ def nn_accuracy(nbrs, labels, train_labels):
 
 
 class Logger:
-    """One progress line every `every` steps (step/total, loss, lr, img/s, ETA, memory) on rank 0, and one JSON
+    """One progress line every `every` steps (step/total, loss, lr, img/s, ETA, GPU memory) on rank 0, and one JSON
     line per log/eval in OUT_DIR/log.jsonl. Call `step()` each step; values are only `.item()`-ed at log time.
     img/s counts training images (images_per_step: the global batch), whatever the views each gets, so that
     dataset size / img/s is an epoch's time in every stage."""
@@ -592,6 +594,7 @@ def check_finite(loss, step, ckpt_path):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad)  # every rank stops together, even if only one saw the NaN
     if bad.item():
+        finish_saves()  # a checkpoint still being written is the last good one
         last = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was saved"
         raise UserError(f"non-finite loss at step {step}: stopping; {last} (lower --blr or check the data)")
 

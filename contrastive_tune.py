@@ -134,8 +134,10 @@ def main():
     model = MAECT(cfg, args.queue_size, args.pooling, args.proj_hidden, args.proj_dim, args.pred_hidden, target=True)
     sd = dict(prev["model"])
     # The head's queue holds its images' embeddings and dataset indices: kept when this run has the same length and
-    # the same images (the generated ones follow --seed), else the run starts with an empty queue.
-    same_images = ((args.dataset, args.data_path) == (head_args.get("dataset"), head_args.get("data_path"))
+    # the same images (an image folder's path; the generated images follow --seed), else it starts with an empty one.
+    folder = lambda path: os.path.realpath(os.path.expanduser(path or ""))
+    same_images = (args.dataset == head_args.get("dataset")
+                   and (args.dataset != "imagefolder" or folder(args.data_path) == folder(head_args.get("data_path")))
                    and (args.dataset != "synthetic" or args.seed == head_args.get("seed")))
     if sd["queue.embeddings"].shape != model.queue.embeddings.shape or not same_images:
         why = (f"queue length {sd['queue.embeddings'].shape[0]} -> {args.queue_size}" if same_images

@@ -36,8 +36,8 @@ input_id() {  # input_id CHECKPOINT: the ID of the stage folder it is in, empty 
 made_from_current() {  # made_from_current DIR CHECKPOINT: false if DIR holds anything made from an earlier training
   local id; id=$(input_id "$2")
   if [ -z "$id" ]; then return 0; fi
-  if [ -f "$1/FROM" ]; then [ "$(cat "$1/FROM")" = "$id" ]; return; fi
-  [ ! -e "$1/ckpt.pt" ] && [ ! -e "$1/DONE" ] && [ ! -e "$1/results.json" ]  # nothing made yet
+  if [ ! -e "$1/ckpt.pt" ] && [ ! -e "$1/DONE" ] && [ ! -e "$1/results.json" ]; then return 0; fi  # nothing made yet
+  [ -f "$1/FROM" ] && [ "$(cat "$1/FROM")" = "$id" ]  # no FROM: made before FROM existed, from an earlier training
 }
 evaluated_already() {  # evaluated_already DIR CHECKPOINT: true (and says so) if DIR/results.json is of CHECKPOINT as
   # it is now; one of an earlier training of it is removed, so that the evaluation runs again

@@ -287,7 +287,7 @@ def mlp(dims, last_bn=True):
     """Linear(no bias)-BN-ReLU blocks; the last Linear gets a BN only if last_bn (NNCLR projector)."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b, bias=False))  # a bias before BN would be removed by its mean
+        layers.append(nn.Linear(a, b, bias=False))  # as NNCLR (where a BN follows, it would remove a bias anyway)
         last = i == len(dims) - 2
         if not last:
             layers += [SyncBatchNorm1d(b), nn.ReLU(inplace=True)]

@@ -43,7 +43,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 usage="usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100|imagenet [flags]"
 case ${1:-} in
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,/^set -euo/p' "$(basename "$0")" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # (after the cd)
   "") echo "$usage (--help: the recipes and settings)" >&2; exit 2 ;;
 esac
 name=$1

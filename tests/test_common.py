@@ -74,7 +74,9 @@ def test_load_strict_names_what_is_missing_unexpected_or_misshapen():
     ("pretrain_mae.py", ["--warmup_epochs", "-1"], "--warmup_epochs: -1 is not 0 or more"),
     ("pretrain_mae.py", ["--num_views", "0"], "--num_views: 0 is not a positive integer"),
     ("pretrain_mae.py", ["--device", "tpu"], "--device tpu: use cuda, cuda:N or cpu"),
+    ("pretrain_mae.py", ["--warmup_epochs", "inf"], "--warmup_epochs: inf is not 0 or more"),
     ("init_head.py", ["--queue_size", "0"], "--queue_size: 0 is not a positive integer"),
+    ("init_head.py", ["--crop_min", "0"], "--crop_min: 0 is not in (0, 1]"),
     ("init_head.py", ["--temperature", "0"], "--temperature: 0 is not positive"),
     ("contrastive_tune.py", ["--topk", "0"], "--topk: 0 is not a positive integer"),
     ("evaluate.py", ["--kmeans_seeds", "0"], "--kmeans_seeds: 0 is not a positive integer"),
@@ -93,6 +95,18 @@ def test_a_bad_flag_value_is_one_error_line_before_anything_runs(tmp_path, scrip
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], err[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,text", [(["--stages", "foo"], "--stages foo: choose from mae, head, ct, features"),
+                                        (["--model", "foo"], "--model: invalid choice: 'foo'"),
+                                        (["--img_size", "30"], "image size 30 is not divisible by patch size 4"),
+                                        (["--steps", "0"], "--steps: 0 is not a positive integer")])
+def test_bench_refuses_bad_input_in_one_line(flags, text):
+    from tests.conftest import run_in_process
+    code, out, err = run_in_process("bench.py", "--device", "cpu", *flags)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], err[-2000:]
+    assert "| stage |" not in out  # no (empty) table
 
 
 def test_help_shows_each_flags_default():

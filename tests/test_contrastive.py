@@ -520,6 +520,9 @@ def test_stages_2_and_3_take_the_data_of_their_input_checkpoint(chain, tmp_path)
     c = torch.load(tmp_path / "ct" / "ckpt.pt", weights_only=True)
     assert (c["args"]["dataset"], c["args"]["data_path"]) == ("imagefolder", str(root))
     assert (c["model"]["queue.indices"] >= 0).sum() == 32  # the head's queue, kept and refreshed
+    r = run("contrastive_tune.py", "--init_from", head / "ckpt.pt", "--data_path", f"{root}/", *small, "--topk", "3",
+            "--max_steps", "1", "--out_dir", tmp_path / "ct1")  # the same folder, spelled otherwise
+    assert r.returncode == 0 and "empty queue" not in r.stdout, r.stderr[-2000:]
     for other in (["--dataset", "synthetic"], ["--dataset", "imagefolder", "--data_path", tmp_path / "elsewhere"]):
         if "elsewhere" in str(other[-1]):
             shutil.copytree(root, tmp_path / "elsewhere")
@@ -533,6 +536,21 @@ def test_stages_2_and_3_take_the_data_of_their_input_checkpoint(chain, tmp_path)
     torch.save({"model": encoder_only(ck["model"])}, tmp_path / "official.pth")
     r = run("init_head.py", "--init_from", tmp_path / "official.pth", *small, "--out_dir", tmp_path / "h2")
     assert_refused(r, tmp_path / "h2", "does not say what it was trained on: pass --dataset")
+
+
+def test_stages_2_and_3_resume_only_with_the_settings_they_were_trained_with(chain, tmp_path):
+    """As stage 1 (tests/test_pretrain.py): a setting of what is trained refused at --resume, an optimiser one taken."""
+    out = tmp_path / "ct"
+    assert ct(chain, out, "--max_steps", "1").returncode == 0
+    r = ct(chain, out, "--max_steps", "2", "--resume", "--topk", "5")
+    assert r.returncode == 2 and "was trained with --topk 3 (now 5)" in r.stderr, r.stderr[-2000:]
+    r = ct(chain, out, "--max_steps", "2", "--resume", "--layer_decay", "0.5")
+    assert r.returncode == 0 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2, r.stderr[-2000:]
+    head = ["--init_from", chain / "mae.pt", *SMALL_HEAD, "--dataset", "synthetic", "--device", "cpu", "--batch_size",
+            "64", "--out_dir", tmp_path / "h"]
+    assert run("init_head.py", *head, "--max_steps", "1").returncode == 0
+    r = run("init_head.py", *head, "--max_steps", "2", "--resume", "--temperature", "0.2")
+    assert r.returncode == 2 and "was trained with --temperature 0.15 (now 0.2)" in r.stderr, r.stderr[-2000:]
 
 
 def encoder_only(mae_sd):

@@ -147,8 +147,10 @@ def test_a_gpu_recipe_without_a_gpu_says_so_and_help_and_no_recipe(tmp_path):
     for recipe, ngpu, noted in [("fashion_mnist", 0, True), ("fashion_mnist", 1, False), ("smoke", 0, False)]:
         r, _ = fake_reproduce(tmp_path / f"{recipe}{ngpu}", recipe, ngpu)
         assert r.returncode == 0 and ("note: no GPU in use" in r.stderr) == noted, r.stderr[-2000:]
-    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "--help"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and r.stdout.startswith("MAE-CT end to end") and "SEED (default 0)" in r.stdout
+    for script, first in [("reproduce.sh", "MAE-CT end to end"), ("ablations.sh", "The paper's three checks")]:
+        r = subprocess.run(["bash", os.path.relpath(REPO / script, tmp_path), "--help"], cwd=tmp_path,  # from elsewhere
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.startswith(first) and "SEED" in r.stdout, r.stderr
     r = subprocess.run(["bash", str(REPO / "reproduce.sh")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and r.stderr.startswith("usage: bash reproduce.sh smoke|")
 
@@ -246,6 +248,15 @@ def test_a_stage_that_failed_before_saving_starts_again_with_the_corrected_setti
     assert value(recorded_calls(calls)[0][0], "--data_path") == "d"
     r, calls = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d2"), AUG="0")
     assert r.returncode == 2 and "was made with other settings" in r.stderr and recorded_calls(calls) == []
+    # stage 2 failed before saving, then stage 1 was trained again: stage 2 has nothing made from the old one, so it runs
+    run = tmp_path / "run"
+    shutil.rmtree(run / "head"), shutil.rmtree(run / "ct")
+    assert fake_reproduce(tmp_path, "smoke", 0, AUG="0", FAIL_OUT="head")[0].returncode != 0
+    assert (run / "head" / "FROM").exists() and not (run / "head" / "ckpt.pt").exists()
+    shutil.rmtree(run / "mae")
+    r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [a[0] for a, _ in recorded_calls(calls)][:3] == ["pretrain_mae.py", "evaluate.py", "init_head.py"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
