@@ -5,8 +5,8 @@ positive of each view is drawn uniformly from the top-k (k = 20) nearest neighbo
 embedding in the queue: the lookup is the augmentation, so crop and flip are the only hand-made ones. The lower
 half (with patch embedding and CLS token) stays frozen in eval mode and runs without gradient; upper blocks get
 layer-wise decayed learning rates (0.65 per block from the top); an EMA of the projector (0.99) embeds the
-queries for the lookup and fills the queue. The head's shape, its pooling and the queue length are the stage-2
-checkpoint's, and so are its views: a head from `init_head.py --views aug` is tuned with the BYOL colour pipeline too
+queries for the lookup and fills the queue. The head's shape, its pooling, the queue and the data (--dataset,
+--data_path) are the stage-2 checkpoint's unless given, and so are its views: a head from `init_head.py --views aug` is tuned with the BYOL colour pipeline too
 (MAE-CT_aug). Settings the authors change with the model size and the variant follow that checkpoint unless given
 (their configs): MAE-CT temperature 0.15 (B and smaller), 0.2 (L), 0.3 (H), top-20, head blr 1e-4 (the encoder's),
 20 epochs (30 for H, with target EMA 0.995); MAE-CT_aug head blr 5e-4, top-10 (20 for H), 80 epochs for B and
@@ -59,8 +59,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("contrastive tuning")
     g.add_argument("--topk", type=common.POSITIVE_INT, default=None, help="the positive is drawn uniformly from this many nearest "
                    "neighbours (default: the paper's, 20; 10 for MAE-CT_aug, but 20 for H; 1 = NNCLR)")
-    g.add_argument("--frozen_blocks", type=common.COUNT, default=None, help="lower blocks kept frozen, besides the patch embedding and CLS token, which always are (default: half the depth)")
-    g.add_argument("--layer_decay", type=common.POSITIVE, default=0.65, help="block b (0 = the lowest) trains at lr * layer_decay^(depth - b): the top block at lr * layer_decay, the final norm at lr")
+    g.add_argument("--frozen_blocks", type=common.COUNT, default=None, help="lower blocks kept frozen, besides the "
+                   "patch embedding and CLS token, which always are (default: half the depth)")
+    g.add_argument("--layer_decay", type=common.POSITIVE, default=0.65, help="block b (0 = the lowest) trains at "
+                   "lr * layer_decay^(depth - b): the top block at lr * layer_decay, the final norm at lr")
     g.add_argument("--weight_decay", type=common.NON_NEGATIVE, default=0.05, help="AdamW weight decay of the encoder")
     g.add_argument("--head_blr", type=common.POSITIVE, default=None,
                    help="base lr of the head (default: the paper's, 1e-4; 5e-4 for MAE-CT_aug)")
