@@ -23,13 +23,20 @@ class UserError(Exception):
     """Bad input from the user: printed as one `error: ...` line, exit code 2, nothing written."""
 
 
+def _say_error(message):
+    """One `error:` line on stderr. Under torchrun, an error met before the process group exists (a flag, a
+    checkpoint: the same for every process of a node) is said by each node's first process, not once per process."""
+    if dist.is_initialized() or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+
+
 def main_guard(main):
     """Run `main`, turning a UserError (or a data error) into one clear line and a non-zero exit."""
     try:
         main()
         finish_saves()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say_error(e)
         sys.exit(2)
     except Exception as e:  # data.DataError shares the contract without importing this module
         if type(e).__name__ != "DataError":
@@ -37,7 +44,7 @@ def main_guard(main):
         msg = str(e).strip()
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original message only
             msg = msg.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {msg}", file=sys.stderr)
+        _say_error(msg)
         sys.exit(2)
     finally:
         try:  # main stopped while a checkpoint was being written: let it finish, and say if it failed
@@ -62,7 +69,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(description=doc, formatter_class=_HelpFormatter)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        _say_error(f"{message} (see --help)")
+        self.exit(2)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -210,6 +218,8 @@ def setup(args):
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no GPU is visible")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", 0))
         if dev.startswith("cuda"):
@@ -218,8 +228,6 @@ def setup(args):
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     device = torch.device(dev)
     args.device = str(device)  # resolved, for the config line and the checkpoint's arguments
-    if args.batch_size % world:
-        raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
     if getattr(args, "warmup_epochs", 0) is None:
         args.warmup_epochs = args.warmup_frac * args.epochs
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")

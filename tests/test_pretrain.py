@@ -106,8 +106,12 @@ def test_batch_not_divisible_by_world_size(needs_torchrun, tmp_path):
     r = run_torchrun("pretrain_mae.py", "--dataset", "synthetic", *SMALL, "--batch_size", "33", "--max_steps", "2",
                      "--out_dir", out, timeout=90)
     assert r.returncode != 0
-    assert "error: --batch_size 33 is not divisible by the 2 processes" in r.stdout + r.stderr
+    said = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    assert said == ["error: --batch_size 33 is not divisible by the 2 processes"], r.stderr[-2000:]  # rank 0 only
     assert not (out / "ckpt.pt").exists()
+    r = run_torchrun("pretrain_mae.py", *SMALL, "--epochs", "0", "--out_dir", out, timeout=90)  # the parser's
+    said = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and said == ["error: argument --epochs: 0 is not a positive integer (see --help)"], said
 
 
 @pytest.mark.slow
