@@ -18,10 +18,8 @@
 # Tables: RUN/ablations.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-case ${1:-} in
-  -h|--help) sed -n '2,/^set -euo/p' "$(basename "$0")" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # (after the cd)
-  "") echo "usage: bash ablations.sh smoke|cifar10_5k [flags] (--help: the experiments and settings)" >&2; exit 2 ;;
-esac
+source ./lib.sh  # a missing file stops here (set -e)
+help_or_usage "usage: bash ablations.sh smoke|cifar10_5k [flags]" "${1:-}"
 name=$1
 shift
 SEED=${SEED:-0}
@@ -48,7 +46,6 @@ export SEED E1=${E1:-${e[0]}} E2=${E2:-${e[1]}} E3=${E3:-${e[2]}}
 export E3_AUG=$E3  # MAE-CT_aug tunes as long as the other arms
 export RUN=${RUN:-runs/abl_${name}_s${SEED}} EVAL=${EVAL:---metrics ${METRICS:-knn,linear}}
 TOPKS=${TOPKS-1 5 10 20 50}; LAMBDAS=${LAMBDAS-1}; METRICS=${METRICS:-knn,linear}
-source ./lib.sh  # a missing file stops here (set -e)
 eval_flags "$@"  # pass: the extra flags evaluate.py takes too
 cap=${STEPS:+--max_steps $STEPS}
 A=$RUN/abl

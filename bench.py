@@ -63,11 +63,11 @@ stages = args.stages.split(",")
 try:  # bad input: one error line, exit 2, as the stage scripts
     if not set(stages) <= set(STAGES):
         raise common.UserError(f"--stages {args.stages}: choose from {', '.join(STAGES)}")
-    if args.end_to_end and args.end_to_end not in data.DATASETS:
-        raise common.UserError(f"--end_to_end {args.end_to_end}: choose from {', '.join(data.DATASETS)}")
+    if args.end_to_end:
+        data.check_dataset(args.end_to_end)
     proc = common.setup(args)  # sets compile/precision defaults from the device
     cfg = model_config(args.model, args.img_size, args.patch_size, 3)
-except (common.UserError, ValueError) as e:
+except (common.UserError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 dev, cuda = proc.device, proc.device.type == "cuda"

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import data
-
 
 class UserError(Exception):
     """Bad input from the user: printed as one `error: ...` line, exit code 2, nothing written."""
@@ -106,7 +104,7 @@ AREA = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")  # the smallest crop ar
 def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_help="passes over the training set",
                     dataset="synthetic"):
     """The flags every stage spells the same way; each script passes its own defaults (stages 2-3: dataset=None,
-    the input checkpoint's; see input_data)."""
+    the input checkpoint's; see data.input_data)."""
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=dataset, help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated tiled shapes, no download)"
                    + (" (default: the one the --init_from checkpoint was trained on)" if dataset is None else ""))
@@ -137,32 +135,12 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
 
 
 # ---------------------------------------------------------------- checks of the flags, before anything starts
-def check_dataset(args):
-    if args.dataset not in data.DATASETS:
-        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
-
-
 def checkpoint_path(args):
     """OUT_DIR/ckpt.pt, where every stage saves and --resume continues from (so it must exist then)."""
     path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.isfile(path):
         raise UserError(f"--resume but there is no checkpoint at {path}")
     return path
-
-
-def input_data(args, ck_args, cfg, init_from):
-    """Stages 2-3 and evaluate.py: --dataset and --data_path default to the ones the input checkpoint was trained
-    on (an official MAE file does not say: it needs --dataset), and the images must fit its encoder."""
-    args.dataset = args.dataset or ck_args.get("dataset")
-    if args.dataset is None:
-        raise UserError(f"{init_from} does not say what it was trained on: pass --dataset")
-    if args.data_path is None and args.dataset == ck_args.get("dataset"):
-        args.data_path = ck_args.get("data_path")
-    check_dataset(args)
-    args.img_size = args.img_size or cfg["img_size"]
-    if args.img_size != cfg["img_size"] or cfg["in_chans"] != data.num_channels(args.dataset):
-        raise UserError(f"{init_from} takes {cfg['in_chans']}-channel {cfg['img_size']} px images; "
-                        f"{args.dataset} at --img_size {args.img_size} does not fit")
 
 
 def check_batch(batch_size, n_train):

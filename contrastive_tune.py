@@ -98,7 +98,7 @@ def main():
     ckpt_path = common.checkpoint_path(args)
     prev = common.load_checkpoint(args.init_from, stages=["head"])
     cfg, head_args = prev["config"], prev["args"]
-    common.input_data(args, head_args, cfg, args.init_from)  # --dataset: the head's unless given
+    data.input_data(args, head_args, cfg, args.init_from)  # --dataset: the head's unless given
     for k in ("pooling", "proj_hidden", "proj_dim", "pred_hidden"):  # the head's shape comes from stage 2
         if getattr(args, k) not in (None, head_args[k]):
             raise common.UserError(f"--{k} {getattr(args, k)} differs from the stage-2 head in {args.init_from} "

@@ -91,13 +91,33 @@ def num_channels(dataset: str) -> int:
     return 1 if dataset == "fashion_mnist" else 3
 
 
+def check_dataset(dataset: str):
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def input_data(args, ck_args: dict, cfg: dict, init_from: str):
+    """Stages 2-3 and evaluate.py, before anything starts: --dataset and --data_path default to the ones the input
+    checkpoint was trained on (an official MAE file does not say: it needs --dataset), --img_size to its encoder's,
+    and the images must fit that encoder."""
+    args.dataset = args.dataset or ck_args.get("dataset")
+    if args.dataset is None:
+        raise DataError(f"{init_from} does not say what it was trained on: pass --dataset")
+    if args.data_path is None and args.dataset == ck_args.get("dataset"):
+        args.data_path = ck_args.get("data_path")
+    check_dataset(args.dataset)
+    args.img_size = args.img_size or cfg["img_size"]
+    if args.img_size != cfg["img_size"] or cfg["in_chans"] != num_channels(args.dataset):
+        raise DataError(f"{init_from} takes {cfg['in_chans']}-channel {cfg['img_size']} px images; "
+                        f"{args.dataset} at --img_size {args.img_size} does not fit")
+
+
 # ---- loading ----
 
 def load_split(dataset: str, data_path: str | None, split: str, img_size: int,
                in_memory: bool | None = None, seed: int = 0) -> ImageSet:
     """Load split "train" or "val". in_memory only matters for "imagefolder" (None = decide by size)."""
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    check_dataset(dataset)
     if split not in ("train", "val"):
         raise DataError(f"unknown split {split!r}; choose train or val")
     mean, std = (FASHION_MEAN, FASHION_STD) if dataset == "fashion_mnist" else (IMAGENET_MEAN, IMAGENET_STD)

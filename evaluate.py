@@ -432,7 +432,7 @@ def main():
         enc_sd = encoder_state_dict(ckpt["encoder_ema"])
     if args.features != "encoder" and stage not in ("head", "ct"):
         raise common.UserError(f"--features {args.features} needs a stage-2/3 checkpoint; {args.init_from} is '{stage}'")
-    common.input_data(args, ck_args, cfg, args.init_from)
+    data.input_data(args, ck_args, cfg, args.init_from)
     # Poolings: the head's for stage 2/3; both for an MAE, whose headline is the paper's choice for its size.
     poolings = [args.pooling or ck_args["pooling"]] if (args.pooling or stage in ("head", "ct")) else ["cls", "mean"]
     headline = poolings[0] if len(poolings) == 1 else PRESETS[cfg["model"]]["pooling"]

@@ -80,7 +80,7 @@ def main():
     ckpt_path = common.checkpoint_path(args)
     prev = common.load_checkpoint(args.init_from, stages=["mae", "official"])
     cfg, enc_sd = common.encoder_from_checkpoint(prev, args.init_from)
-    common.input_data(args, prev.get("args", {}), cfg, args.init_from)  # --dataset: the MAE's unless given
+    data.input_data(args, prev.get("args", {}), cfg, args.init_from)  # --dataset: the MAE's unless given
     args.pooling = args.pooling or cfg["pooling"]
 
     # ---- process ----

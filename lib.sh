@@ -1,5 +1,13 @@
-# Sourced by reproduce.sh, ablations.sh and gpu_check.sh: which extra flags evaluate.py takes, and what a run
-# folder's stages were made from.
+# Sourced by reproduce.sh, ablations.sh and gpu_check.sh: their --help, which extra flags evaluate.py takes, and what
+# a run folder's stages were made from.
+
+help_or_usage() {  # help_or_usage USAGE FIRST_ARG: --help prints the calling script's header comment; no argument,
+  # the usage line (exit 2). Called after the script's cd to its own folder.
+  case $2 in
+    -h|--help) sed -n '2,/^set -euo/p' "$(basename "$0")" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    "") echo "$1 (--help: what it runs and its settings)" >&2; exit 2 ;;
+  esac
+}
 
 # `eval_flags FLAGS...` sets the array `pass` to the extra flags that evaluate.py takes too; a training flag such as
 # --compile 0 or --crop_min would stop it. A flag left without its value is refused here, before any stage runs. It
@@ -33,10 +41,12 @@ arg_of() {  # arg_of FLAG ARGS...: the value after the last FLAG in ARGS, empty 
 input_id() {  # input_id CHECKPOINT: the ID of the stage folder it is in, empty if none
   if [ -n "$1" ] && [ -f "$(dirname "$1")/ID" ]; then cat "$(dirname "$1")/ID"; fi
 }
+holds_output() {  # holds_output DIR: DIR holds a checkpoint, DONE or an evaluation's results.json
+  [ -e "$1/ckpt.pt" ] || [ -e "$1/DONE" ] || [ -e "$1/results.json" ]
+}
 made_from_current() {  # made_from_current DIR CHECKPOINT: false if DIR holds anything made from an earlier training
   local id; id=$(input_id "$2")
-  if [ -z "$id" ]; then return 0; fi
-  if [ ! -e "$1/ckpt.pt" ] && [ ! -e "$1/DONE" ] && [ ! -e "$1/results.json" ]; then return 0; fi  # nothing made yet
+  if [ -z "$id" ] || ! holds_output "$1"; then return 0; fi  # nothing made yet: nothing to be stale
   [ -f "$1/FROM" ] && [ "$(cat "$1/FROM")" = "$id" ]  # no FROM: made before FROM existed, from an earlier training
 }
 evaluated_already() {  # evaluated_already DIR CHECKPOINT: true (and says so) if DIR/results.json is of CHECKPOINT as
@@ -45,8 +55,8 @@ evaluated_already() {  # evaluated_already DIR CHECKPOINT: true (and says so) if
   if made_from_current "$1" "$2"; then echo "== $1: evaluated already, skipped"; return 0; fi
   echo "== $1: $2 was trained again since; evaluating it again"; rm "$1/results.json"; return 1
 }
-made_something() {  # made_something DIR: DIR has its SETTINGS and a checkpoint or DONE: settings to keep to
-  [ -f "$1/SETTINGS" ] && { [ -e "$1/ckpt.pt" ] || [ -e "$1/DONE" ]; }
+made_something() {  # made_something DIR: a stage folder with its SETTINGS and something made: settings to keep to
+  [ -f "$1/SETTINGS" ] && holds_output "$1"
 }
 record_from() {  # record_from DIR CHECKPOINT
   local id; id=$(input_id "$2")

@@ -58,7 +58,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    common.check_dataset(args)
+    data.check_dataset(args.dataset)
     args.img_size = args.img_size or data.default_img_size(args.dataset, args.data_path)
     args.patch_size = args.patch_size or (4 if args.img_size <= 64 else 16)
     try:

@@ -41,11 +41,8 @@
 # smoke run made before session 11 (the generated shapes are tiled since then: its stage 1 saw other images).
 set -euo pipefail
 cd "$(dirname "$0")"
-usage="usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100|imagenet [flags]"
-case ${1:-} in
-  -h|--help) sed -n '2,/^set -euo/p' "$(basename "$0")" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # (after the cd)
-  "") echo "$usage (--help: the recipes and settings)" >&2; exit 2 ;;
-esac
+source ./lib.sh  # a missing file stops here (set -e)
+help_or_usage "usage: bash reproduce.sh smoke|cifar10_5k|fashion_mnist|cifar10|cifar100|imagenet100|imagenet [flags]" "${1:-}"
 name=$1
 shift
 SEED=${SEED:-0}
@@ -98,7 +95,6 @@ case $POOLING in
   ""|cls|mean) ;;
   *) echo "error: POOLING='$POOLING' (cls, mean, or unset for the recipe's default)" >&2; exit 2 ;;
 esac
-source ./lib.sh  # a missing file stops here (set -e)
 eval_flags "$@"  # pass: the extra flags evaluate.py takes too; dev: the --device given
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}; E3_AUG=${E3_AUG:-${e3aug:-$E3}}
 RUN=${RUN:-runs/${name}_s${SEED}}
