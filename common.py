@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -125,7 +126,8 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (fails if there is none)")
     g.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="seed; every random draw is a function of (seed, rank, step). "
+    g.add_argument("--seed", type=int, default=0, help="seed; every random draw is a function of (seed, rank, step), a file-backed "
+                   "image's crops of (seed, epoch, image). "
                    "With --dataset synthetic it also picks the generated images: keep it across the stages")
     g.add_argument("--log_every", type=POSITIVE_INT, default=20, help="steps between progress lines")
     g.add_argument("--save_every", type=POSITIVE_INT, default=None, help="steps between checkpoints (default: once per epoch)")
@@ -456,23 +458,38 @@ def check_resume_args(args, ckpt, path):
                         + ": resume with its settings, or start a new run in another --out_dir")
 
 
+STAGES = {"mae": "a stage-1 MAE checkpoint (pretrain_mae.py)", "official": "official MAE weights",
+          "head": "a stage-2 checkpoint (init_head.py)", "ct": "a stage-3 MAE-CT checkpoint (contrastive_tune.py)"}
+
+
 def load_checkpoint(path, stages=None):
     """Load a checkpoint safely (weights_only=True: no pickled code runs) and check its stage. An official MAE
-    `.pth` ({"model": state_dict}, no stage) is returned with stage "official"."""
+    `.pth` ({"model": state_dict}, no stage) is returned with stage "official"; the official training checkpoints
+    (checkpoint-799.pth) also pickle their argparse.Namespace, a plain attribute holder that is let through."""
     finish_saves()
     if not path or not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or a pickle that wants to run code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
+            raise UserError(f"cannot read checkpoint {path}: it pickles {unsafe.group(1)}, which a safe load refuses "
+                            f"(unsafe pickle); if you trust the file, save its weights alone and pass that file: "
+                            f"python -c \"import torch; torch.save({{'model': torch.load('{path}', "
+                            f"weights_only=False)['model']}}, 'weights.pth')\"")
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise UserError(f"cannot read checkpoint {path} (corrupt, not a checkpoint, or unsafe pickle): "
                         f"{type(e).__name__} {first[:200]}".rstrip())
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
         raise UserError(f"{path} is not a checkpoint of this project or an official MAE file (no 'model' state dict)")
     ckpt.setdefault("stage", "official")
     if stages and ckpt["stage"] not in stages:
-        raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint; this stage needs one of: {', '.join(stages)}")
+        hint = " (run init_head.py on it first)" if stages == ["head"] and ckpt["stage"] in ("mae", "official") else ""
+        raise UserError(f"{path} holds {STAGES.get(ckpt['stage'], repr(ckpt['stage']))}; this stage needs "
+                        + " or ".join(STAGES[s] for s in stages) + hint)
     return ckpt
 
 
@@ -522,7 +539,7 @@ class Logger:
         self.proc, self.total, self.every, self.ips = proc, total_steps, every, images_per_step
         self.last = last_step or total_steps  # a --max_steps run logs its final step too
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.t0, self.s0 = time.time(), start_step
+        self.t0, self.s0, self.first = time.time(), start_step, True
         if proc.main and os.path.exists(self.path):
             self.keep_until(start_step)
 
@@ -558,14 +575,17 @@ class Logger:
         body = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
         shown = f" | mem {mem:.1f} GiB" if self.proc.device.type == "cuda" else ""
         of = f"{self.last} (--max_steps; schedule {self.total})" if self.last < self.total else f"{self.total}"
-        self.proc.print(f"step {step}/{of} {body} | {rate:,.0f} img/s | ETA {eta / 60:.1f} min{shown}")
+        first = " (startup and compilation included)" if self.first else ""
+        self.proc.print(f"step {step}/{of} {body} | {rate:,.0f} img/s{first} | ETA {eta / 60:.1f} min{shown}")
         self.write(dict(step=step, **vals, img_per_s=round(rate, 1), mem_gib=round(mem, 2)))
-        self.t0, self.s0 = time.time(), step
+        self.t0, self.s0, self.first = time.time(), step, False
 
     def event(self, step, **vals):
-        """An evaluation result: one line on stdout and one JSON line, whenever it happens."""
+        """An evaluation result: one line on stdout and one JSON line, whenever it happens. The next progress line
+        counts from here, so its img/s and ETA leave the evaluation's time out."""
         self.proc.print(f"eval at step {step}: " + " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items()))
         self.write(dict(step=step, **vals))
+        self.t0, self.s0 = time.time(), step
 
     def write(self, record):
         if self.proc.main:

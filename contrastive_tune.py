@@ -169,7 +169,7 @@ def main():
             common.load_strict(encoder_ema, ckpt["encoder_ema"], ckpt_path + " (encoder_ema)")
         step = ckpt["step"]
         proc.print(f"resumed from {ckpt_path} at step {step}")
-    common.print_config(proc, args, lr=lr, total_steps=total_steps, world=proc.world)
+    common.print_config(proc, args, lr=lr, total_steps=total_steps, world=proc.world, model=cfg, train=train.describe())
     last_step = min(total_steps, args.max_steps or total_steps)
     kept = args.encoder_ema ** last_step if args.encoder_ema else 0.0  # the start's weight in the EMA at the end
     if kept > 0.05:  # the paper's 0.9999 is for ImageNet-length runs (~25k steps)
@@ -224,7 +224,8 @@ def main():
             if step >= last_step:
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
-            log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling))  # monitoring only
+            log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling,
+                                                             num_workers=args.num_workers))  # monitoring only
     common.finish_saves()
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 

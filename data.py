@@ -19,8 +19,9 @@ workers are needed and small-image epochs take seconds. File-backed data goes th
 DataLoader with per-sample torchvision crops; colour and normalisation still run batched on the device.
 
 Both paths shard an epoch the same way: one permutation from a generator seeded with (seed, epoch), equal on
-every rank, dealt out as perm[rank::world_size]. Augmentation draws from the default torch RNG of the
-device, which the training scripts reseed every step, so a resumed run sees the same views.
+every rank, dealt out as perm[rank::world_size]. In-memory augmentation draws from the default torch RNG of the
+device, which the training scripts reseed every step; file-backed crops draw from a seed of (seed, epoch, image),
+whatever worker loads the image. Either way a resumed run sees the same views as an uninterrupted one.
 
 Offline Fashion-MNIST: Debian's package `dataset-fashion-mnist` installs the four IDX files, re-gzipped, in
 /usr/share/datasets/fashion-mnist/. torchvision's md5 check rejects those .gz files, so when the root has no
@@ -69,6 +70,10 @@ class ImageSet:
 
     def __len__(self):
         return len(self.labels)
+
+    def describe(self):
+        """One phrase for the config line, e.g. '5000 images, 10 classes, in memory'."""
+        return f"{len(self)} images, {len(self.classes)} classes, " + ("files" if self.images is None else "in memory")
 
 
 def default_img_size(dataset: str, data_path: str | None = None) -> int:
@@ -188,6 +193,9 @@ def _load_imagefolder(data_path, split, img_size, in_memory, mean, std):
     # Class ids always come from train/, so val labels mean the same classes. Listing the folder names is
     # enough; ImageFolder sorts them the same way.
     train_classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+    broken = sorted(e.name for e in os.scandir(root / split) if e.is_symlink() and not os.path.exists(e.path))
+    if broken:  # a class folder linked to nowhere would silently leave the class out
+        raise DataError(f"{root / split} has broken links: {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}")
     try:
         folder = ImageFolder(str(root / split))
     except (FileNotFoundError, RuntimeError) as e:
@@ -478,17 +486,20 @@ class _FolderViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.folder.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, seed = item  # the image, and the seed of its crops this epoch (_ListSampler)
         path, label = self.folder.samples[i]
         try:
             image = self.folder.loader(path)  # PIL, converted to RGB
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {path}: {e}") from None
-        return torch.stack([self.transform(image) for _ in range(self.n_views)]), label, i
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator; leave it as it was
+            torch.manual_seed(seed)
+            return torch.stack([self.transform(image) for _ in range(self.n_views)]), label, i
 
 
 class _ListSampler(torch.utils.data.Sampler):
-    """Yields whatever index list it currently holds; ViewLoader refills it every epoch."""
+    """Yields whatever (index, seed) list it currently holds; ViewLoader refills it every epoch."""
 
     def __init__(self):
         self.indices = []
@@ -559,9 +570,10 @@ class ViewLoader:
             yield idx, views, self.labels[idx]
 
     def _iter_files(self, indices):
-        # A resumed epoch gets the remaining indices but new worker RNG streams, so its crops differ from an
-        # uninterrupted run's; the order of images is still the same.
-        self.sampler.indices = indices.tolist()
+        # Each image's crops are drawn from a seed of (seed, epoch, image), not from the workers' own generators:
+        # the same crops whatever --num_workers, and a resumed epoch continues with the crops it would have had.
+        base = (self.seed * 1_000_003 + self.epoch) * 2**31
+        self.sampler.indices = [(i, (base + i) % 2**63) for i in indices.tolist()]
         for crops, labels, idx in self.loader:  # crops: uint8 (B, n_views, 3, S, S)
             crops = crops.to(self.device, non_blocking=True).float() / 255
             views = []

@@ -33,7 +33,8 @@ except nmi_best, ari_best, lowshot_N_std and extra knnK, which appear only with 
     lowshot_1/2/5       logistic regression on 1/2/5 labelled train images per class, mean of 3 fixed splits
                         (lowshot_N_std: their standard deviation)
     pct1, pct10         linear probe trained on 1% / 10% of the train labels (class-balanced, fixed split)
-    dataset, checkpoint, stage, pooling, features, feature_dim, seconds
+    dataset, checkpoint, stage, pooling, features, feature_dim, seconds, and what was measured on: num_classes,
+                        n_train, n_val (images)
 With two poolings, results["cls"] and results["mean"] hold one set each; the top-level keys repeat the one
 the paper uses for that model size (model.PRESETS). Pictures: knn_grid.png (each row: a val query, then its
 nearest training images, framed green when the class matches, red when not) and clusters.png (10 random val
@@ -91,20 +92,30 @@ def parse_args(argv=None):
 
 
 # ---- features ----
+PROGRESS_EVERY = 30  # seconds between extract_features' progress lines
+
+
 @torch.no_grad()
-def extract_features(fn, imageset, img_size, proc, batch_size=256, num_workers=4):
+def extract_features(fn, imageset, img_size, proc, batch_size=256, num_workers=4, desc=None):
     """fn(images) -> (B, D) on every image of `imageset`, un-augmented; returns (feats float32 (N, D), labels
     (N,)) on proc.device in dataset order, on every rank. Rank r sees images r, r+W, r+2W, ... (the loader's
-    sharding); the shards, padded to equal length, are all-gathered and scattered back by their indices."""
+    sharding); the shards, padded to equal length, are all-gathered and scattered back by their indices.
+    With desc, a progress line every 30 s (ImageNet's train set takes minutes)."""
     loader = data.ViewLoader(imageset, max(1, batch_size // proc.world), "eval", 1, img_size, proc.device,
                              proc.rank, proc.world, shuffle=False, drop_last=False, num_workers=num_workers)
     idxs, feats = [], []
+    n = len(imageset)
+    t0 = shown = time.time()
     for idx, (x,), _ in loader:
         with proc.autocast():
             feats.append(fn(x).float())
         idxs.append(idx)
+        if desc and time.time() - shown > PROGRESS_EVERY:
+            done = min(n, sum(map(len, idxs)) * proc.world)  # about: this rank's count times the ranks
+            rate = done / (time.time() - t0)
+            proc.print(f"{desc}: {done}/{n} images | {rate:,.0f} img/s | ETA {(n - done) / rate / 60:.1f} min")
+            shown = time.time()
     idx, f = torch.cat(idxs), torch.cat(feats)  # (n_r,), (n_r, D)
-    n = len(imageset)
     if proc.world > 1:  # all_gather needs equal shapes: rank 0 holds the most, ceil(N / W)
         pad = math.ceil(n / proc.world) - len(idx)
         idx, f = torch.cat([idx, idx.new_full((pad,), -1)]), torch.cat([f, f.new_zeros(pad, f.shape[1])])
@@ -143,7 +154,7 @@ def knn_predict(train_f, train_y, test_f, k, num_classes, T=0.07, chunk=256):
     return torch.cat(preds)
 
 
-def knn_eval(encoder, train, val, proc, pooling="mean", ks=(10, 20), batch_size=256):
+def knn_eval(encoder, train, val, proc, pooling="mean", ks=(10, 20), batch_size=256, num_workers=4):
     """k-NN accuracy (percent) of a raw ViT on val, for the training scripts' --eval_every. All ranks must call
     it; the encoder's train/eval mode is restored. Returns {"knn10": ..., "knn20": ...}."""
     was_training = encoder.training
@@ -151,8 +162,8 @@ def knn_eval(encoder, train, val, proc, pooling="mean", ks=(10, 20), batch_size=
     try:  # forward_features: also right for a MaskedAutoencoder, whose forward() is the MAE loss
         fn = lambda x: pool(encoder.forward_features(x), pooling)
         img_size = encoder.grid * encoder.patch_size
-        tr, ytr = extract_features(fn, train, img_size, proc, batch_size)
-        va, yva = extract_features(fn, val, img_size, proc, batch_size)
+        tr, ytr = extract_features(fn, train, img_size, proc, batch_size, num_workers)
+        va, yva = extract_features(fn, val, img_size, proc, batch_size, num_workers)
     finally:
         encoder.train(was_training)
     tr, va = standardise(tr, va)
@@ -338,13 +349,23 @@ def ari(a, b):
 
 
 # ---- all metrics on one set of features ----
-def run_metrics(tr, ytr, va, yva, num_classes, args, metrics):
-    """Every selected metric on raw train/val features -> (results dict, best k-means val assignment)."""
+def run_metrics(tr, ytr, va, yva, num_classes, args, metrics, say=None):
+    """Every selected metric on raw train/val features -> (results dict, best k-means val assignment).
+    say(line), if given, hears how long each metric took (on ImageNet-size sets, minutes each)."""
     res, best_assign = dict.fromkeys(KEYS), None
     trn, van = standardise(tr, va)
+    t = time.time()
+
+    def took(what):
+        nonlocal t
+        if say:
+            say(f"  {what}: {time.time() - t:.1f} s")
+        t = time.time()
+
     if "knn" in metrics:
         for k in args.knn_k:
             res[f"knn{k}"] = accuracy(knn_predict(trn, ytr, van, k, num_classes, chunk=args.chunk), yva)
+        took("k-NN")
     if "linear" in metrics:  # the probe's BatchNorm standardises, so it takes the raw features
         probe = lambda i: linear_probe(tr[i], ytr[i], va, yva, num_classes, args.probe_lrs, args.probe_epochs,
                                        args.probe_batch, args.seed)
@@ -353,6 +374,7 @@ def run_metrics(tr, ytr, va, yva, num_classes, args, metrics):
         res["linear"], res["linear_lr"] = accs[best], args.probe_lrs[best]
         for frac, key in ((0.01, "pct1"), (0.1, "pct10")):
             res[key] = max(probe(fewshot_indices(ytr, frac, seed=0).to(ytr.device)))
+        took("linear probe (all, 1%, 10% of the labels)")
     if "kmeans" in metrics:  # fit on train, score the val assignment
         runs = []
         for s in range(args.kmeans_seeds):
@@ -363,6 +385,7 @@ def run_metrics(tr, ytr, va, yva, num_classes, args, metrics):
         res["kmeans_acc_mean"], res["kmeans_acc_best"] = float(np.mean([r[0] for r in runs])), float(runs[best][0])
         res["nmi"], res["ari"] = float(np.mean([r[1] for r in runs])), float(np.mean([r[2] for r in runs]))
         res["nmi_best"], res["ari_best"], best_assign = float(runs[best][1]), float(runs[best][2]), runs[best][3]
+        took(f"k-means ({args.kmeans_seeds} seeds)")
     if "lowshot" in metrics:  # three fixed splits per shot count, the same for every model
         for shots in (1, 2, 5):
             accs = []
@@ -370,6 +393,7 @@ def run_metrics(tr, ytr, va, yva, num_classes, args, metrics):
                 i = fewshot_indices(ytr, shots, seed=split).to(ytr.device)
                 accs.append(accuracy(logistic_regression(trn[i], ytr[i], van, num_classes, args.lowshot_l2), yva))
             res[f"lowshot_{shots}"], res[f"lowshot_{shots}_std"] = float(np.mean(accs)), float(np.std(accs))
+        took("low-shot")
     return res, best_assign
 
 
@@ -459,7 +483,8 @@ def main():
         head = NNCLRHead(cfg["embed_dim"], ck_args["proj_hidden"], ck_args["proj_dim"], ck_args["pred_hidden"])
         common.load_strict(head, {k[5:]: v for k, v in ckpt["model"].items() if k.startswith("head.")}, args.init_from)
         head.to(proc.device).eval()  # BatchNorm with its running statistics
-    common.print_config(proc, args, stage=stage, poolings=poolings, world=proc.world, model=cfg["model"])
+    common.print_config(proc, args, stage=stage, poolings=poolings, world=proc.world, model=cfg,
+                        train=train.describe(), val=val.describe())
 
     def features(x):  # every pooling from one pass through the encoder: (B, P*D)
         tokens = encoder.forward_features(x)  # (B, 1+L, D)
@@ -474,8 +499,8 @@ def main():
 
     # ---- features, once ----
     t1 = time.time()
-    tr_all, ytr = extract_features(features, train, args.img_size, proc, args.batch_size, args.num_workers)
-    va_all, yva = extract_features(features, val, args.img_size, proc, args.batch_size, args.num_workers)
+    tr_all, ytr = extract_features(features, train, args.img_size, proc, args.batch_size, args.num_workers, "train")
+    va_all, yva = extract_features(features, val, args.img_size, proc, args.batch_size, args.num_workers, "val")
     dim = tr_all.shape[1] // len(poolings)
     proc.print(f"features: {len(train)} train + {len(val)} val images, dim {dim}, {time.time() - t1:.1f} s")
 
@@ -484,12 +509,12 @@ def main():
     for i, p in enumerate(poolings):
         t1 = time.time()
         tr, va = tr_all[:, i * dim:(i + 1) * dim], va_all[:, i * dim:(i + 1) * dim]
-        per_pool[p], assigns[p] = run_metrics(tr, ytr, va, yva, num_classes, args, metrics)
+        per_pool[p], assigns[p] = run_metrics(tr, ytr, va, yva, num_classes, args, metrics, say=proc.print)
         proc.print(f"metrics ({p} pooling): {time.time() - t1:.1f} s")
 
     # ---- output ----
     meta = dict(dataset=args.dataset, checkpoint=os.path.abspath(args.init_from), stage=stage, features=args.features,
-                feature_dim=dim, encoder_ema=args.encoder_ema, seconds=round(time.time() - t0, 1))
+                feature_dim=dim, num_classes=num_classes, n_train=len(train), n_val=len(val), encoder_ema=args.encoder_ema, seconds=round(time.time() - t0, 1))
     results = {**per_pool[headline], **meta, "pooling": headline}
     if len(poolings) > 1:
         results.update({p: {**per_pool[p], **meta, "pooling": p} for p in poolings})

@@ -117,7 +117,7 @@ def main():
         common.load_optimizer(opt, ckpt["optimizer"])
         step = ckpt["step"]
         proc.print(f"resumed from {ckpt_path} at step {step}")
-    common.print_config(proc, args, lr=lr, total_steps=total_steps, world=proc.world)
+    common.print_config(proc, args, lr=lr, total_steps=total_steps, world=proc.world, model=cfg, train=train.describe())
 
     # ---- compile, DDP ----
     raw = model
@@ -162,7 +162,8 @@ def main():
             if step >= last_step:
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
-            log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling))  # monitoring only
+            log.event(step, epoch=epoch, **evaluate.knn_eval(raw.encoder, train, val, proc, args.pooling,
+                                                             num_workers=args.num_workers))  # monitoring only
     common.finish_saves()
     proc.print(f"done: {step} steps, checkpoint at {ckpt_path}")
 

@@ -115,7 +115,8 @@ def main():
         step = ckpt["step"]
         proc.print(f"resumed from {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
-    common.print_config(proc, args, lr=lr, total_steps=total_steps, params=n_params, world=proc.world)
+    common.print_config(proc, args, lr=lr, total_steps=total_steps, params=n_params, world=proc.world,
+                        train=train.describe(), val=val.describe())
 
     # ---- compile, DDP ----
     raw = model
@@ -169,7 +170,8 @@ def main():
             if step >= last_step:
                 break
         if args.eval_every and step % steps_per_epoch == 0 and (epoch + 1) % args.eval_every == 0:
-            log.event(step, epoch=epoch, **evaluate.knn_eval(mae, train, val, proc, cfg["pooling"]))  # monitoring only
+            log.event(step, epoch=epoch, **evaluate.knn_eval(mae, train, val, proc, cfg["pooling"],
+                                                             num_workers=args.num_workers))  # monitoring only
         if args.pictures and proc.main and ((epoch + 1) % args.pictures == 0 or step == last_step):
             save_reconstructions(mae, val, args, proc, os.path.join(args.out_dir, f"recon_ep{epoch:04d}.png"))
     common.finish_saves()

@@ -31,18 +31,22 @@ def test_setup_seeds_the_model_init_with_the_runs_seed():
 
 def test_progress_line_counts_the_images_since_the_last_line(monkeypatch, tmp_path, capsys):
     """A run resumed at step 40 logs every 10 steps of 10 images: its first line's img/s counts the 10 steps
-    since the resume (not 50), the next the 10 since the first line, and the ETA is for the steps left to
-    --max_steps (60), not to the schedule's end (100)."""
-    clock = iter([0.0, 5.0, 5.0, 6.0, 6.0])  # start; first line at 5 s; second line 1 s later
+    since the resume (not 50) and says that it includes startup, the next the 10 since the first line, one after an
+    evaluation the steps since it; the ETA is for the steps left to --max_steps (80), not to the schedule's end."""
+    clock = iter([0.0, 5.0, 5.0, 6.0, 6.0, 16.0, 17.0, 17.0])  # start; lines at 5 s and 6 s; an eval to 16 s; line
     monkeypatch.setattr(common, "time", types.SimpleNamespace(time=lambda: next(clock)))  # common's clock only
     proc = common.Proc(0, 1, torch.device("cpu"), torch.float32)
-    log = common.Logger(proc, tmp_path, total_steps=100, start_step=40, images_per_step=10, every=10, last_step=60)
+    log = common.Logger(proc, tmp_path, total_steps=100, start_step=40, images_per_step=10, every=10, last_step=80)
     log(50, loss=1.0)
     log(60, loss=1.0)
+    log.event(60, knn10=50.0)  # the eval took 10 s: the next line leaves it out
+    log(70, loss=1.0)
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["img_per_s"] for r in lines] == [20.0, 100.0]
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("step 50/60 (--max_steps; schedule 100) loss 1") and first.endswith("| 20 img/s | ETA 0.1 min")  # 100 images at 20/s; no GPU memory on CPU
+    assert [r.get("img_per_s") for r in lines] == [20.0, 100.0, None, 100.0]
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith("step 50/80 (--max_steps; schedule 100) loss 1")  # 300 images at 20/s; no GPU memory on CPU
+    assert first.endswith("| 20 img/s (startup and compilation included) | ETA 0.2 min")
+    assert second.endswith("| 100 img/s | ETA 0.0 min")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 from model import MAECT, MaskedAutoencoder, NNQueue, init_weights, model_config, nnclr_loss
-from tests.conftest import run_here, run_in_process, run_script, run_torchrun
+from tests.conftest import assert_same_state, run_here, run_in_process, run_script, run_torchrun
 from tests.nnclr_case import HEAD, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,6 +295,52 @@ def test_stage3_freezes_lower_half_and_trains_upper(chain, tmp_path):
     assert 0 < d_target < 0.1 * d_online  # momentum 0.99 over 3 steps: ~1-3% of the way (an inverted one: ~99%)
 
 
+@pytest.mark.parametrize("script", ["init_head.py", "contrastive_tune.py"])
+def test_frozen_parts_are_exactly_the_papers_and_run_without_gradient(chain, tmp_path, monkeypatch, script):
+    """The freeze boundary, from every side: stage 2 freezes the whole encoder (final norm too), stage 3 the patch
+    embedding, CLS token and lower half (blocks 0-1 of nano's 4; the EMA target projector never trains). The
+    parameters that require a gradient are exactly those the optimiser holds and exactly those that get a gradient
+    in a step; the frozen blocks run with gradient off and in eval mode, the trained ones with it on. (The
+    weight-comparison test above misses a block frozen on one side of the boundary only: a block whose parameters
+    require no gradient but that runs with it on just wastes memory, one that requires it but runs without it, or
+    that the optimiser leaves out, never moves either way.)"""
+    seen_model, opts, blocks, enc_out = [], [], [], []
+    real_forward, real_adamw = MAECT.forward, common.adamw
+
+    def forward(self, *args, **kw):
+        if not seen_model:  # hooks on the first call: record how each block and the encoder ran
+            seen_model.append(self)
+            for b, blk in enumerate(self.encoder.blocks):
+                blk.register_forward_hook(lambda m, i, o, b=b: blocks.append((b, torch.is_grad_enabled(), m.training)))
+            self.encoder.register_forward_hook(lambda m, i, o: enc_out.append(o.requires_grad))
+        return real_forward(self, *args, **kw)
+    monkeypatch.setattr(MAECT, "forward", forward)
+    monkeypatch.setattr(common, "adamw", lambda *a, **kw: opts.append(real_adamw(*a, **kw)) or opts[-1])
+    r = run(script, *stage_args(chain, script), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
+            "--max_steps", "1", "--warmup_epochs", "0.1", "--out_dir", tmp_path, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (model,), (opt,) = seen_model, opts
+    stage3 = script == "contrastive_tune.py"
+    frozen_blocks = 2 if stage3 else 4
+    assert len(model.encoder.blocks) == 4  # vit_nano
+
+    def trained(name):
+        if name.startswith("head."):
+            return True
+        if not stage3 or name.startswith(("target_projector.", "encoder.patch_embed.", "encoder.cls_token")):
+            return False
+        return name.startswith("encoder.norm.") or int(name.split(".")[2]) >= frozen_blocks
+    params = dict(model.named_parameters())
+    expected = {n for n in params if trained(n)}
+    assert {n for n, p in params.items() if p.requires_grad} == expected
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert {n for n, p in params.items() if id(p) in in_opt} == expected
+    assert len(in_opt) == len(expected)  # nothing else (no parameter of another module)
+    assert {n for n, p in params.items() if p.grad is not None} == expected  # after the step: frozen ones got none
+    assert blocks == [(b, b >= frozen_blocks, b >= frozen_blocks) for b in range(4)]  # one encoder pass (both views)
+    assert enc_out == [stage3]  # stage 2: the whole encoder, final norm included, builds no graph at all
+
+
 @pytest.mark.parametrize("script", ["init_head.py", "pretrain_mae.py"])
 def test_nn_acc_is_read_before_the_enqueue_overwrites_the_neighbours(chain, tmp_path, script):
     """The logged nn_acc is about the neighbours the lookup found. With the queue as long as the batch, step 1 finds
@@ -576,8 +622,8 @@ def assert_refused(r, out, text):
 
 def test_bad_input(chain, tmp_path):
     out = tmp_path / "o"
-    assert_refused(run("contrastive_tune.py", "--init_from", chain / "mae.pt", "--out_dir", out), out, "'mae' checkpoint")
-    assert_refused(run("init_head.py", "--init_from", chain / "head" / "ckpt.pt", "--out_dir", out), out, "'head' checkpoint")
+    assert_refused(run("contrastive_tune.py", "--init_from", chain / "mae.pt", "--out_dir", out), out, "holds a stage-1 MAE checkpoint (pretrain_mae.py); this stage needs a stage-2")
+    assert_refused(run("init_head.py", "--init_from", chain / "head" / "ckpt.pt", "--out_dir", out), out, "holds a stage-2 checkpoint (init_head.py); this stage needs a stage-1")
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes((chain / "head" / "ckpt.pt").read_bytes()[:3000])
     assert_refused(run("contrastive_tune.py", "--init_from", bad, "--out_dir", out), out, "cannot read checkpoint")
@@ -691,6 +737,65 @@ def test_every_stage_tells_its_loader_the_epoch(tmp_path, monkeypatch):
         r = run(script, *run_args, *extra, "--out_dir", tmp_path / script[:-3])
         assert r.returncode == 0, r.stderr[-2000:]
         assert epochs == [0, 1, 2], (script, epochs)
+
+
+@pytest.mark.parametrize("script", ["init_head.py", "contrastive_tune.py"])
+def test_temperature_and_topk_reach_the_lookup_and_the_loss(chain, tmp_path, monkeypatch, script):
+    """--temperature is what the NNCLR loss divides by and --topk how many neighbours the lookup draws from, in
+    every call of every step (two lookups and two losses a step, one per view), not a default or a constant
+    somewhere on the way: stage 3 with --topk 3, stage 2 always top-1 (the exact nearest neighbour)."""
+    import model as model_module
+    temps, topks = [], []
+    real_loss, real_lookup = model_module.nnclr_loss, NNQueue.lookup
+
+    def loss(nn_a, pred_b, temperature, *rest, **kw):
+        temps.append(temperature)
+        return real_loss(nn_a, pred_b, temperature, *rest, **kw)
+
+    def lookup(self, z, idx, topk=1):
+        topks.append(topk)
+        return real_lookup(self, z, idx, topk)
+    monkeypatch.setattr(model_module, "nnclr_loss", loss)
+    monkeypatch.setattr(NNQueue, "lookup", lookup)
+    r = run(script, *stage_args(chain, script), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
+            "--max_steps", "2", "--warmup_epochs", "0.1", "--temperature", "0.37", "--out_dir", tmp_path, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert temps == [0.37] * 4
+    assert topks == [3 if script == "contrastive_tune.py" else 1] * 4
+
+
+@pytest.mark.parametrize("script", ["pretrain_mae.py", "init_head.py", "contrastive_tune.py"])
+def test_every_stage_reseeds_each_step_from_seed_rank_and_step(chain, tmp_path, monkeypatch, script):
+    """Each step reseeds from (--seed, rank, step) before drawing its batch, crops, masks and top-k picks: a loop that
+    passed a constant step would draw the same crops (and masks) every step, and resume would still equal itself."""
+    calls, real = [], common.seed_step
+    monkeypatch.setattr(common, "seed_step", lambda *a: calls.append(a) or real(*a))
+    if script == "pretrain_mae.py":
+        args = ["--model", "vit_nano", "--pictures", "0"]
+    else:
+        args = stage_args(chain, script)  # stage 3 from a head of seed 0: other generated images, an empty queue
+    r = run(script, *args, "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64", "--max_steps", "3",
+            "--seed", "5", "--out_dir", tmp_path, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert calls == [(5, 0, 0), (5, 0, 1), (5, 0, 2)]
+
+
+def test_stage2_resume_equals_uninterrupted(chain, tmp_path):
+    """As stages 1 and 3: 2 steps, then --resume to 4, end with the same head, queue, BN statistics, optimiser state
+    and losses as 4 steps in one go (the queue and the data order continue where the checkpoint left them)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    head = [*stage_args(chain, "init_head.py"), "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
+            "--warmup_epochs", "0.1", "--log_every", "1", "--device", "cpu"]
+    assert run("init_head.py", *head, "--max_steps", "4", "--save_every", "2", "--out_dir", a).returncode == 0
+    assert run("init_head.py", *head, "--max_steps", "2", "--out_dir", b).returncode == 0
+    r = run("init_head.py", *head, "--max_steps", "4", "--resume", "--out_dir", b)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    ca, cb = (torch.load(x / "ckpt.pt", weights_only=True) for x in (a, b))
+    assert ca["step"] == cb["step"] == 4
+    assert_same_state(ca, cb)
+    logs = [[json.loads(line) for line in (x / "log.jsonl").read_text().splitlines()] for x in (a, b)]
+    assert [x["step"] for x in logs[1]] == [1, 2, 3, 4]
+    assert [(x["loss"], x["nn_acc"]) for x in logs[0]] == [(x["loss"], x["nn_acc"]) for x in logs[1]]
 
 
 def test_stage3_updates_both_emas_every_step_with_their_own_momentum(chain, tmp_path):

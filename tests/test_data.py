@@ -91,6 +91,72 @@ def test_augment_flips_about_half():
     assert 0.4 < flipped.float().mean().item() < 0.6
 
 
+def _image_folder(root, images):
+    """Write uint8 (N, 3, H, W) images as PNGs of one class under root/train (root/val empty) and load the train
+    split file-backed, as ImageNet-size folders are."""
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "val" / "a").mkdir(parents=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(root / "train" / "a" / f"{i:03d}.png")
+    return data.load_split("imagefolder", str(root), "train", images.shape[-1], in_memory=False)
+
+
+def test_file_backed_views_flip_about_half(tmp_path):
+    """The file-backed training views mirror about half the crops (torchvision's RandomHorizontalFlip after the
+    RandomResizedCrop), as augment() does in memory. At crop scale (1, 1) each view is the whole ramp image, so a
+    view whose left half is brighter than its right half was mirrored."""
+    torch.manual_seed(0)
+    ramp = torch.arange(32, dtype=torch.uint8).mul(8).expand(16, 3, 32, 32)  # brighter to the right
+    files = _image_folder(tmp_path, ramp)
+    loader = data.ViewLoader(files, 16, "minimal", 8, 32, "cpu", shuffle=False, num_workers=0,
+                             crop_scale=(1.0, 1.0))
+    _, views, _ = next(iter(loader))
+    v = torch.stack(views)  # (8 views, 16 images, 3, 32, 32)
+    left, right = v[..., :16].mean(dim=(2, 3, 4)), v[..., 16:].mean(dim=(2, 3, 4))
+    assert ((left - right).abs() > 0.5).all()  # whole ramps, clearly one way or the other
+    assert 0.3 < (left > right).float().mean().item() < 0.7  # 128 views
+
+
+def test_file_backed_crops_depend_on_seed_epoch_and_image_only(tmp_path):
+    """File-backed crops are drawn from a seed of (seed, epoch, image): the same with or without loader workers,
+    a resumed epoch continues with the crops it would have had, the next epoch draws others, and the main
+    process's generator is left as it was (its draws belong to the training step)."""
+    files = _image_folder(tmp_path, torch.randint(0, 256, (12, 3, 16, 16), generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.uint8))
+
+    def epoch(workers, epoch=0, start_batch=0):
+        loader = data.ViewLoader(files, 4, "minimal", 2, 8, "cpu", seed=3, num_workers=workers)
+        loader.set_epoch(epoch, start_batch)
+        torch.manual_seed(123)
+        out = [(idx, torch.stack(views)) for idx, views, _ in loader]
+        return torch.cat([i for i, _ in out]), torch.cat([v for _, v in out], dim=1), torch.get_rng_state()
+
+    idx, views, rng = epoch(0)
+    idx2, views2, rng2 = epoch(2)
+    assert torch.equal(idx, idx2) and torch.equal(views, views2)
+    assert torch.equal(rng, rng2)  # in-process loading (0 workers) did not reseed the main generator
+    idx_r, views_r, _ = epoch(0, start_batch=1)  # resumed after the first batch
+    assert torch.equal(idx_r, idx[4:]) and torch.equal(views_r, views[:, 4:])
+    assert not torch.equal(views[0], views[1])  # two views, two crops
+    idx_e, views_e, _ = epoch(0, epoch=1)
+    order = torch.argsort(idx_e)[torch.argsort(torch.argsort(idx))]  # the same images, in epoch 0's order
+    assert not torch.isclose(views_e[:, order], views).all(dim=(2, 3, 4)).any()
+
+
+def test_two_views_of_an_image_are_different_crops_on_both_paths(tmp_path):
+    """Each view draws its own crop and flip: the two views of one image (the positive pair of the contrastive
+    loss) are almost never the same picture, in memory (augment) and from files (a transform call per view)."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    imset = data.ImageSet(images, torch.zeros(64, dtype=torch.long), ["a"], 3, (0.5,) * 3, (0.25,) * 3)
+    files = _image_folder(tmp_path, images[:32])
+    for ds, n in ((imset, 64), (files, 32)):
+        loader = data.ViewLoader(ds, n, "minimal", 2, 16, "cpu", shuffle=False, num_workers=0)
+        _, (v0, v1), _ = next(iter(loader))
+        same = ((v0 - v1).abs().amax(dim=(1, 2, 3)) < 1e-3).float().mean().item()
+        assert same < 0.05, (ds.images is None, same)
+
+
 def test_view_loader_crop_scale_reaches_both_paths(tmp_path):
     """crop_scale (init_head/contrastive_tune --crop_min) replaces the views' default area range: at (1, 1) every
     view is the whole image, mirrored or not; at the default (0.08, 1) most are not."""
@@ -315,6 +381,20 @@ def test_drop_last_false_covers_everything_and_drop_last_true_trims():
     batches = [b for loader in loaders for b in _epoch(loader)]
     assert len(batches) == 8 and all(len(b) == 8 for b in batches)  # 70 // 16 = 4 batches per rank
     assert len(torch.cat(batches).unique()) == 64
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_drop_last_trims_to_whole_batches_on_every_rank(shuffle):
+    """drop_last trims the epoch to a multiple of batch_size * world_size, so every rank gets the same number of
+    full batches (DDP ranks must step together). 90 images, batch 8, 2 ranks: 80 kept, 5 full batches per rank.
+    (Trimming to a multiple of batch_size alone keeps 88: 44 per rank, 5 batches and a partial one of 4.)"""
+    ds = _toy_set(90)
+    loaders = [data.ViewLoader(ds, 8, "eval", 1, 8, "cpu", rank=r, world_size=2, shuffle=shuffle) for r in (0, 1)]
+    per_rank = [_epoch(loader) for loader in loaders]
+    assert [len(loader) for loader in loaders] == [5, 5]
+    assert [[len(b) for b in batches] for batches in per_rank] == [[8] * 5, [8] * 5]
+    idx = torch.cat([b for batches in per_rank for b in batches])
+    assert len(idx) == 80 and len(idx.unique()) == 80  # disjoint ranks
 
 
 def test_start_batch_resumes_the_same_epoch():

@@ -146,6 +146,38 @@ def test_run_metrics_reports_the_best_lr_the_mean_and_the_best_k_means_run(monke
     assert (res["kmeans_acc_best"], res["nmi_best"], res["ari_best"]) == pytest.approx((60, 25, 35))
 
 
+def test_run_metrics_scores_every_probe_on_the_val_features(monkeypatch):
+    """The probes (all, 1%, 10% of train) are fit on raw train rows and scored on the raw val set, never on train."""
+    tr, ytr = blobs(50, 4, 6, seed=0)
+    va, yva = blobs(20, 4, 6, seed=0, noise_seed=3)  # 200 train, 80 val: train cannot pass for val
+    calls = []
+
+    def linear_probe(f, y, val_f, val_y, *a):  # records what each probe is given
+        calls.append((f, y, val_f, val_y))
+        return [50.0]
+    monkeypatch.setattr(E, "linear_probe", linear_probe)
+    args = argparse.Namespace(seed=0, probe_lrs=[0.1], probe_epochs=1, probe_batch=32)
+    E.run_metrics(tr, ytr, va, yva, 4, args, ["linear"])
+    assert [len(y) for _, y, _, _ in calls] == [200, 4, 20]
+    assert torch.equal(calls[0][0], tr) and torch.equal(calls[0][1], ytr)
+    assert all(torch.equal(val_f, va) and torch.equal(val_y, yva) for _, _, val_f, val_y in calls)
+
+
+def test_run_metrics_scores_k_means_on_the_val_set(monkeypatch):
+    """k-means is fit on train and scored on val: ACC, NMI and ARI get the val labels and the val assignment."""
+    tr, ytr = blobs(50, 4, 6, seed=0)
+    va, yva = blobs(20, 4, 6, seed=0, noise_seed=3)  # 200 train, 80 val
+    calls = []
+    for name in ("cluster_acc", "nmi", "ari"):  # spies around the real scores
+        real = getattr(E, name)
+        monkeypatch.setattr(E, name, lambda y, a, name=name, real=real: (calls.append((name, y, a)), real(y, a))[1])
+    E.run_metrics(tr, ytr, va, yva, 4, argparse.Namespace(kmeans_seeds=2, seed=0), ["kmeans"])
+    trn, van = E.standardise(tr, va)
+    assigns = [E.nearest(van, E.kmeans(trn, 4, seed=s)[0]) for s in (0, 1)]
+    assert [c[0] for c in calls] == ["cluster_acc", "nmi", "ari"] * 2
+    assert all(torch.equal(y, yva) and torch.equal(a, assigns[i // 3]) for i, (_, y, a) in enumerate(calls))
+
+
 def test_lowshot_fits_the_standardised_features_of_three_fixed_splits(monkeypatch):
     tr, ytr = blobs(50, 4, 6, seed=0)
     va, yva = blobs(20, 4, 6, seed=0, noise_seed=3)
@@ -329,6 +361,36 @@ def test_extract_features_in_dataset_order():
     assert torch.allclose(feats, ref, atol=1e-5) and torch.equal(labels, sub.labels)
 
 
+def test_extract_features_progress_lines(monkeypatch, capsys):
+    monkeypatch.setattr(E, "PROGRESS_EVERY", -1)  # a line after every batch
+    sub = first_n(data.load_split("synthetic", None, "val", 32), 130)
+    E.extract_features(lambda x: x.mean(dim=(2, 3)), sub, 32, CPU, batch_size=64, desc="train")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["train: 64/130 images", "train: 128/130 images",
+                                                        "train: 130/130 images"]
+    assert all("img/s | ETA" in line for line in lines)
+    E.extract_features(lambda x: x.mean(dim=(2, 3)), sub, 32, CPU, batch_size=64)  # without desc: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_extract_features_file_backed_keeps_the_last_partial_batch(tmp_path):
+    """An image folder read from disk (not held in memory): 5 images in batches of 4 give 5 rows, in dataset order.
+    Each image is one flat colour, so its mean-pooled eval view is that colour, normalised."""
+    from PIL import Image
+    colours = [(10, 200, 0), (50, 170, 7), (90, 140, 14), (130, 110, 21), (170, 80, 28)]
+    for i, rgb in enumerate(colours):  # 3 of class a, 2 of class b
+        path = tmp_path / "train" / "ab"[i // 3] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), rgb).save(path)
+    (tmp_path / "val").mkdir()
+    files = data.load_split("imagefolder", str(tmp_path), "train", 32, in_memory=False)
+    assert files.images is None
+    feats, labels = E.extract_features(lambda x: x.mean(dim=(2, 3)), files, 32, CPU, batch_size=4, num_workers=0)
+    ref = data._normalize(torch.tensor(colours).float().view(5, 3, 1, 1) / 255, files.mean, files.std)
+    torch.testing.assert_close(feats, ref.view(5, 3), atol=1e-4, rtol=0)
+    assert labels.tolist() == [0, 0, 0, 1, 1]
+
+
 def first_n(imageset, n):
     """The first n images of an in-memory ImageSet."""
     return dataclasses.replace(imageset, images=imageset.images[:n], labels=imageset.labels[:n])
@@ -460,7 +522,8 @@ def check_keys(res):
         assert k in res and res[k] is not None, k
         if k != "linear_lr":
             assert -100 <= res[k] <= 100, (k, res[k])
-    for k in ("dataset", "checkpoint", "stage", "pooling", "features", "feature_dim", "seconds"):
+    for k in ("dataset", "checkpoint", "stage", "pooling", "features", "feature_dim", "seconds", "num_classes",
+              "n_train", "n_val"):
         assert k in res, k
 
 
@@ -544,6 +607,10 @@ def test_e2e_cifar_imagefolder(ckpts, tmp_path):
     check_keys(res)
     check_keys(res["cls"])
     assert res["dataset"] == "imagefolder" and (tmp_path / "clusters.png").exists()
+    assert (res["num_classes"], res["n_train"], res["n_val"]) == (10, 4000, 1000)
+    assert '"train": "4000 images, 10 classes, in memory"' in r.stdout  # the config line says what was found
+    for what in ("k-NN", "linear probe", "k-means (2 seeds)", "low-shot"):  # a line per metric, with its time
+        assert f"  {what}" in r.stdout, what
 
 
 # ---- bad input ----

@@ -5,7 +5,9 @@ Faults are injected from outside the production code: a sitecustomize.py written
 PYTHONPATH of the child process only (it patches torch.save or common.seed_step in that process), SIGKILL from
 the test, and crafted files. CPU, vit_nano, a few steps per run; about a minute in all.
 """
+import argparse
 import contextlib
+import fractions
 import hashlib
 import os
 import pickle
@@ -273,8 +275,8 @@ def test_crafted_pickle_really_runs_code_when_loaded_unsafely(files, tmp_path):
 
 
 SCRIPTS = {  # script -> (the stage it loads, extra flags, what it says about a checkpoint of the wrong stage)
-    "init_head.py": ("mae", ["--batch_size", "64", "--max_steps", "1", *HEAD_ARGS], ("head", "'head' checkpoint")),
-    "contrastive_tune.py": ("head", ["--batch_size", "64", "--max_steps", "1"], ("mae", "'mae' checkpoint")),
+    "init_head.py": ("mae", ["--batch_size", "64", "--max_steps", "1", *HEAD_ARGS], ("head", "holds a stage-2 checkpoint (init_head.py); this stage needs a stage-1")),
+    "contrastive_tune.py": ("head", ["--batch_size", "64", "--max_steps", "1"], ("mae", "needs a stage-2 checkpoint (init_head.py) (run init_head.py on it first)")),
     "evaluate.py": ("mae", ["--metrics", "knn", "--knn_k", "2"], ("mae", "needs a stage-2/3 checkpoint")),
 }
 BAD = {  # case -> (file, the text of the error line)
@@ -308,6 +310,25 @@ def test_untrusted_checkpoint_is_refused(files, tmp_path, script, case):
     assert not files["marker"].exists(), "unpickling ran code from the checkpoint"
     assert_one_error_line(code, err, text)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_official_training_checkpoint_loads_and_a_foreign_class_gets_a_working_conversion_hint(mae_ckpt, tmp_path):
+    """facebookresearch/mae's checkpoint-N.pth pickles its argparse.Namespace: it loads safely, as official weights.
+    A file pickling any other class is refused with one line holding a conversion command, and that command works."""
+    sd = load_ckpt(mae_ckpt)["model"]
+    torch.save({"model": sd, "optimizer": {}, "epoch": 799, "scaler": {"scale": 65536.0},
+                "args": argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True)}, tmp_path / "ckpt-799.pth")
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt-799.pth"), stages=["mae", "official"])
+    assert ckpt["stage"] == "official" and ckpt["args"].norm_pix_loss and ckpt["model"].keys() == sd.keys()
+    torch.save({"model": sd, "extra": fractions.Fraction(1, 3)}, tmp_path / "foreign.pth")
+    with pytest.raises(common.UserError) as e:
+        common.load_checkpoint(str(tmp_path / "foreign.pth"))
+    msg = str(e.value)
+    assert "fractions.Fraction" in msg and "\n" not in msg and "\x1b" not in msg, msg
+    command = msg.split('python -c "')[1][:-1]
+    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True)
+    weights = common.load_checkpoint(str(tmp_path / "weights.pth"), stages=["official"])
+    assert all(torch.equal(weights["model"][k], v) for k, v in sd.items())
 
 
 # ---------------------------------------------------------------- bad data (imagefolder, through pretrain_mae.py)
@@ -365,6 +386,7 @@ def test_imagefolder_file_backed_unreadable_stops_with_one_line(tmp_path, worker
     ("val_class_not_in_train", "val/ has classes not in train/: bird"),
     ("no_val", "has no val/ folder"),
     ("only_unreadable", "no readable images"),
+    ("broken_class_link", "has broken links: bird"),
 ])
 def test_imagefolder_bad_layout_stops_before_training(tmp_path, fault, text):
     root = make_folder(tmp_path / "data", val_classes=("cat", "dog", "bird") if fault == "val_class_not_in_train" else None)
@@ -374,6 +396,8 @@ def test_imagefolder_bad_layout_stops_before_training(tmp_path, fault, text):
         for p in sorted((root / "val").rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
         (root / "val").rmdir()
+    elif fault == "broken_class_link":  # e.g. ImageNet-100 linked into an ImageNet copy that has moved
+        (root / "train" / "bird").symlink_to(tmp_path / "moved" / "bird")
     elif fault == "only_unreadable":
         for p in (root / "train").rglob("*.png"):
             p.write_bytes(b"not a png")

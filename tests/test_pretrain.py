@@ -162,3 +162,32 @@ def test_resume_refuses_other_training_settings(tmp_path):
     _ok(run_here("pretrain_mae.py", *SYNTH, "--epochs", "2", "--max_steps", "3", "--log_every", "1", "--blr", "1e-4",
                  "--resume", "--out_dir", out))  # a lower lr after a divergence, say
     assert load_ckpt(out / "ckpt.pt")["step"] == 3
+
+
+def test_defaults_are_the_papers():
+    """MAE's recipe: 75% of the patches masked, the loss on per-patch normalised pixels."""
+    from pretrain_mae import parse_args
+    args = parse_args([])
+    assert args.mask_ratio == 0.75 and args.no_norm_pix_loss is False
+    assert MaskedAutoencoder(**model_config("vit_nano", 32, 4, 3)).norm_pix_loss is True
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["plain", "joint"])
+def test_mask_ratio_and_norm_pix_flags_reach_the_model(tmp_path, monkeypatch, joint):
+    """--mask_ratio is the fraction of patches every training step masks (of 64 patches, 32 at 0.5, 16 at 0.25; in
+    the joint ablation, of both views) and --no_norm_pix_loss turns the normalised target off, not a constant."""
+    import model
+    seen, real = [], model.VisionTransformer.random_masking
+
+    def random_masking(self, x, mask_ratio, noise=None):  # records each step's masks and the model's target
+        kept, mask, ids_restore = real(self, x, mask_ratio, noise)
+        seen.append((tuple(mask.shape), mask.sum(1).unique().tolist(), self.norm_pix_loss))
+        return kept, mask, ids_restore
+    monkeypatch.setattr(model.VisionTransformer, "random_masking", random_masking)
+    if joint:  # the joint run on the default target, the plain one without it
+        flags, expected = ["--nnclr_weight", "1", "--mask_ratio", "0.25", "--proj_hidden", "32", "--proj_dim", "16",
+                           "--pred_hidden", "32"], ((64, 64), [16.0], True)
+    else:
+        flags, expected = ["--mask_ratio", "0.5", "--no_norm_pix_loss"], ((32, 64), [32.0], False)
+    _ok(run_here("pretrain_mae.py", *SYNTH, *flags, "--max_steps", "2", "--out_dir", tmp_path))
+    assert seen == [expected] * 2
