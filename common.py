@@ -103,9 +103,9 @@ AREA = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")  # the smallest crop ar
 
 
 def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_help="passes over the training set",
-                    dataset="synthetic"):
+                    dataset="synthetic", batch_note="", warmup_source="the paper"):
     """The flags every stage spells the same way; each script passes its own defaults (stages 2-3: dataset=None,
-    the input checkpoint's; see data.input_data)."""
+    the input checkpoint's; see data.input_data) and where its batch and warm-up come from (batch_note, warmup_source)."""
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=dataset, help="cifar10 | cifar100 | fashion_mnist | imagefolder | synthetic (generated tiled shapes, no download)"
                    + (" (default: the one the --init_from checkpoint was trained on)" if dataset is None else ""))
@@ -116,9 +116,9 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
     g.add_argument("--num_workers", type=COUNT, default=8, help="DataLoader workers per process (file-backed datasets only)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help=epochs_help)
-    g.add_argument("--batch_size", type=POSITIVE_INT, default=batch_size, help="GLOBAL batch in images, split over all processes")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=batch_size, help="GLOBAL batch in images, split over all processes" + batch_note)
     g.add_argument("--blr", type=BASE_LR, default=blr, help="base learning rate: lr = blr * views_per_step / 256")
-    g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac * 100:.0f}%% of --epochs, as the paper)")
+    g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=None, help=f"linear warm-up before the cosine decay (default: {warmup_frac * 100:.0f}%% of --epochs, as {warmup_source})")
     p.set_defaults(warmup_frac=warmup_frac)
     g.add_argument("--max_steps", type=POSITIVE_INT, default=None, help="stop after this many steps (smoke runs); the schedule still spans --epochs")
     g = p.add_argument_group("run")
@@ -336,7 +336,8 @@ def load_optimizer(opt, state):
 @torch.no_grad()
 def ema_update(target, online, momentum):
     """target = m * target + (1 - m) * online, over parameters (one fused op for all of them). Buffers are left
-    alone: a target BatchNorm keeps its own running statistics."""
+    alone: a target BatchNorm keeps its own running statistics (the authors copy the online ones; no effect on
+    training, where BN uses batch statistics, nor on evaluation, which never uses the target)."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - momentum)
 
 
@@ -523,10 +524,10 @@ def args_dict(args):
 
 
 # ---------------------------------------------------------------- logging
-def nn_accuracy(nbrs, labels, train_labels):
+def nn_accuracy(nn_idx, labels, train_labels):
     """Fraction of looked-up neighbours (their dataset indices, as the NNCLR forwards return them; -1 = empty slot,
     never right) whose image has the query's label: a diagnostic for the log, never used for training."""
-    return ((nbrs >= 0) & (train_labels[nbrs.clamp(min=0)] == labels)).float().mean()
+    return ((nn_idx >= 0) & (train_labels[nn_idx.clamp(min=0)] == labels)).float().mean()
 
 
 class Logger:

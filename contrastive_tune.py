@@ -53,6 +53,7 @@ PAPER_BY_MODEL = {
 def parse_args(argv=None):
     p = common.ArgumentParser(__doc__)
     common.add_common_args(p, epochs=None, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/ct", dataset=None,
+                           batch_note="; the paper: 1024, for ViT-H 512",
                            epochs_help="passes over the training set (default: the paper's: 20, 30 for H; "
                                        "MAE-CT_aug 80, 40 for L and H)")
     add_head_args(p, stage3=True)
@@ -188,13 +189,10 @@ def main():
     log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size, args.log_every, last_step)
     save_every = args.save_every or steps_per_epoch
     gather = lambda x: common.gather(x, grad=True)
-    frozen = [enc.patch_embed, *enc.blocks[:args.frozen_blocks]]
+    model.train()  # the frozen lower blocks stay in eval mode (VisionTransformer.freeze)
     while step < last_step:
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        model.train()
-        for m in frozen:
-            m.eval()
         batches = iter(loader)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             common.seed_step(args.seed, proc.rank, step)  # before the batch: its crops are random draws too
@@ -202,7 +200,7 @@ def main():
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
             with proc.autocast():
-                loss, z0, nbrs = model([v0, v1], idx, args.temperature, args.topk, gather, proc.rank)
+                loss, z0, nn_idx = model([v0, v1], idx, args.temperature, args.topk, gather, proc.rank)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -214,7 +212,7 @@ def main():
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
-                log(step, epoch=epoch, loss=loss.detach(), nn_acc=common.nn_accuracy(nbrs, labels, train_labels),
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=common.nn_accuracy(nn_idx, labels, train_labels),
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 extra = dict(encoder_ema=encoder_ema.state_dict()) if encoder_ema is not None else {}

@@ -26,13 +26,16 @@ took 91 s with the default threads and 31 s with OMP_NUM_THREADS=1 (an early ses
 
 OUT_DIR/results.json (all numbers in percent; the keys below always appear, null for a metric that was not run,
 except nmi_best, ari_best, lowshot_N_std and extra knnK, which appear only with their metric):
-    knn10, knn20        k-NN accuracy, k = 10 (authors' code) and 20 (DINO); other --knn_k values add knnK
+    knn10, knn20        k-NN accuracy, k = 10 (authors' code: their in-training k-NN, standardised as here; their
+                        stand-alone eval_knn.py takes k = 20 on L2-normalised features only) and 20 (DINO); other
+                        --knn_k values add knnK
     linear, linear_lr   best linear-probe val accuracy over --probe_lrs, and the lr that reached it
     kmeans_acc_mean     k-means (fit on train, k = classes) val cluster accuracy, mean over --kmeans_seeds
     kmeans_acc_best     the same, the best seed; nmi, ari: mean over seeds; nmi_best, ari_best: the best seed's
     lowshot_1/2/5       logistic regression on 1/2/5 labelled train images per class, mean of 3 fixed splits
                         (lowshot_N_std: their standard deviation)
-    pct1, pct10         linear probe trained on 1% / 10% of the train labels (class-balanced, fixed split)
+    pct1, pct10         linear probe trained on 1% / 10% of the train labels (class-balanced, fixed split; the
+                        authors use logistic regression on the SimCLRv2 / MSN ImageNet splits, so compare with care)
     dataset, checkpoint, stage, pooling, features, feature_dim, seconds, and what was measured on: num_classes,
                         n_train, n_val (images)
 With two poolings, results["cls"] and results["mean"] hold one set each; the top-level keys repeat the one

@@ -30,7 +30,8 @@ from model import MAECT
 
 def parse_args(argv=None):
     p = common.ArgumentParser(__doc__)
-    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head", dataset=None)
+    common.add_common_args(p, epochs=20, batch_size=1024, blr=1e-4, warmup_frac=0.2, out_dir="runs/head", dataset=None,
+                           batch_note="; the paper: 1024, for ViT-H 512 (and 30 epochs for H/16)")
     add_head_args(p)
     return p.parse_args(argv)
 
@@ -132,8 +133,7 @@ def main():
     log = common.Logger(proc, args.out_dir, total_steps, step, args.batch_size, args.log_every, last_step)
     save_every = args.save_every or steps_per_epoch
     gather = lambda x: common.gather(x, grad=True)
-    model.train()
-    raw.encoder.eval()  # frozen: eval mode, and run without gradient
+    model.train()  # the head; the frozen encoder stays in eval mode (VisionTransformer.freeze)
     while step < last_step:
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch, start_batch=step % steps_per_epoch)
@@ -144,16 +144,16 @@ def main():
             cur_lr = common.lr_at(step, total_steps, warmup_steps, lr)
             common.set_lr(opt, cur_lr)
             with proc.autocast():
-                loss, z0, nbrs = model([v0, v1], idx, args.temperature, 1, gather, proc.rank)
+                loss, z0, nn_idx = model([v0, v1], idx, args.temperature, 1, gather, proc.rank)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            raw.queue.enqueue(common.gather(z0), common.gather(idx))  # after the step, as the authors
+            raw.queue.enqueue(common.gather(z0), common.gather(idx))  # after both lookups (the authors enqueue inside the loss: the same values)
             step += 1
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
             if log.due(step):
-                log(step, epoch=epoch, loss=loss.detach(), nn_acc=common.nn_accuracy(nbrs, labels, train_labels),
+                log(step, epoch=epoch, loss=loss.detach(), nn_acc=common.nn_accuracy(nn_idx, labels, train_labels),
                     lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 common.save_on_main(proc, ckpt_path, stage="head", config=cfg, model=raw.state_dict(),

@@ -149,12 +149,24 @@ class VisionTransformer(nn.Module):
 
     def freeze(self, n_blocks):
         """Freeze the patch embedding, CLS token and the first n_blocks blocks (stage 3: the lower half; stage 2:
-        all of them and the final norm). Frozen parts run without gradient, so they cost no activation memory.
-        An attribute, not a forward argument: torch.compile treats it as a constant."""
+        all of them and the final norm). Frozen parts get no gradient, run without one (so they cost no activation
+        memory) and stay in eval mode, as the authors' block freezer does. The count is an attribute, not a forward
+        argument: torch.compile treats it as a constant."""
         self.frozen_blocks = n_blocks
-        for m in [self.patch_embed, *self.blocks[:n_blocks]] + ([self.norm] if n_blocks == len(self.blocks) else []):
+        frozen = [self.patch_embed, *self.blocks[:n_blocks]]
+        if n_blocks == len(self.blocks):  # stage 2: the whole encoder, final norm included
+            frozen.append(self.norm)
+        for m in frozen:
             m.requires_grad_(False)
         self.cls_token.requires_grad_(False)
+        self.frozen_modules = frozen  # a plain list: no new state-dict entries
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        """nn.Module.train, except that frozen parts (freeze) stay in eval mode."""
+        super().train(mode)
+        for m in getattr(self, "frozen_modules", []):
+            m.eval()
         return self
 
     def forward_features(self, x, mask_ratio=0.0, noise=None):
@@ -162,7 +174,8 @@ class VisionTransformer(nn.Module):
         K = L(1-mask_ratio) patch tokens remain (chosen by `noise`, see random_masking) and (mask, ids_restore)
         are returned too."""
         n_frozen = self.frozen_blocks
-        with torch.set_grad_enabled(torch.is_grad_enabled() and n_frozen == 0):
+        stem_trains = n_frozen == 0  # stage 1; in stages 2-3 the stem and the frozen blocks build no graph
+        with torch.set_grad_enabled(torch.is_grad_enabled() and stem_trains):
             x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
             mask = ids_restore = None
             if mask_ratio > 0:
@@ -269,12 +282,12 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        D = x.shape[1]
         x32 = x.float()
-        stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_full((1,), x.shape[0])])  # (2D+1,)
-        stats = _AllReduceSum.apply(stats)  # sums over the global batch
-        n = stats[-1]
-        mean, var = stats[:D] / n, stats[D:2 * D] / n - (stats[:D] / n) ** 2  # biased variance, as BN
+        sums = _AllReduceSum.apply(torch.cat([x32.sum(0), x32.new_full((1,), x.shape[0])]))  # over the global batch
+        n = sums[-1]
+        mean = sums[:-1] / n
+        # Two passes, not E[x^2] - E[x]^2, which cancels (even below 0) when a feature's mean dwarfs its spread.
+        var = _AllReduceSum.apply(((x32 - mean) ** 2).sum(0)) / n  # biased variance, as BN
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)  # running estimate is unbiased, as BN
@@ -366,7 +379,9 @@ def symmetric_nnclr_loss(queue, z, pred, idx, temperature, topk, gather, rank):
         nn0, slots = queue.lookup(z[0], idx, topk)
         nn1, _ = queue.lookup(z[1], idx, topk)
     p = [gather(F.normalize(q.float(), dim=1)) for q in pred]  # (world*n, d), with gradient
-    return (nnclr_loss(nn0, p[1], temperature, rank) + nnclr_loss(nn1, p[0], temperature, rank)) / 2, slots
+    loss_01 = nnclr_loss(nn0, p[1], temperature, rank)  # view 0's neighbour is the positive of view 1's prediction
+    loss_10 = nnclr_loss(nn1, p[0], temperature, rank)
+    return (loss_01 + loss_10) / 2, slots
 
 
 class MAECT(nn.Module):

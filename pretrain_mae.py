@@ -34,7 +34,8 @@ from model import PRESETS, JointMAE, MaskedAutoencoder, init_weights, model_conf
 
 def parse_args(argv=None):
     p = common.ArgumentParser(__doc__)
-    common.add_common_args(p, epochs=800, batch_size=1024, blr=1.5e-4, warmup_frac=0.05, out_dir="runs/mae")
+    common.add_common_args(p, epochs=800, batch_size=1024, blr=1.5e-4, warmup_frac=0.05, out_dir="runs/mae",
+                           warmup_source="facebookresearch/mae; the MAE-CT authors warm up 20 epochs")
     g = p.add_argument_group("MAE")
     g.add_argument("--model", default="vit_tiny", choices=list(PRESETS), help="size preset (model.PRESETS); vit_nano for CPU smoke runs")
     g.add_argument("--patch_size", type=common.POSITIVE_INT, default=None, help="patch side (default: 4 for images <= 64 px, else 16)")
@@ -145,7 +146,7 @@ def main():
             noise = torch.rand(len(views) * len(idx), mae.grid ** 2, device=proc.device)  # (V*B, L)
             if joint:
                 with proc.autocast():
-                    mae_loss, nnclr_loss, z0, nbrs = model(views, idx, args.mask_ratio, args.temperature, gather,
+                    mae_loss, nnclr_loss, z0, nn_idx = model(views, idx, args.mask_ratio, args.temperature, gather,
                                                            proc.rank, noise=noise)
                 loss = mae_loss + args.nnclr_weight * nnclr_loss
             else:
@@ -156,7 +157,7 @@ def main():
             loss.backward()
             opt.step()
             if joint:
-                raw.queue.enqueue(common.gather(z0), common.gather(idx))  # after the step, as stage 2
+                raw.queue.enqueue(common.gather(z0), common.gather(idx))  # after both lookups, as stage 2
             step += 1
             if log.due(step) or step % save_every == 0 or step == last_step:
                 common.check_finite(loss.detach(), step, ckpt_path)
@@ -164,7 +165,7 @@ def main():
                 log(step, epoch=epoch, loss=loss.detach(), lr=cur_lr)
             elif log.due(step):  # both parts separately; nn_acc: how often the neighbour has the query's label
                 log(step, epoch=epoch, loss=loss.detach(), mae_loss=mae_loss.detach(), nnclr_loss=nnclr_loss.detach(),
-                    nn_acc=common.nn_accuracy(nbrs, labels, train_labels), lr=cur_lr)
+                    nn_acc=common.nn_accuracy(nn_idx, labels, train_labels), lr=cur_lr)
             if step % save_every == 0 or step == last_step:
                 save(proc, args, raw, opt, step, epoch, cfg, ckpt_path)
             if step >= last_step:

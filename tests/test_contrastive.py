@@ -828,3 +828,36 @@ def test_stage3_updates_both_emas_every_step_with_their_own_momentum(chain, tmp_
         moved += sum(not torch.equal(c["encoder_ema"][k], enc[k]) for k in enc)
         enc = c["encoder_ema"]
     assert moved > 0  # the upper blocks trained, so the EMA moved
+
+
+def test_head_layers_are_nnclrs():
+    """Projector Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN; predictor Linear-BN-ReLU, Linear (no BN at its end);
+    no Linear has a bias (a BN follows, or NNCLR has none). The loss tests rebuild the loss from the head itself,
+    so only this one pins its layout."""
+    from model import NNCLRHead, SyncBatchNorm1d
+    head = NNCLRHead(64, 32, 16, 48)
+    L, B, R = torch.nn.Linear, SyncBatchNorm1d, torch.nn.ReLU
+    assert [type(m) for m in head.projector] == [L, B, R, L, B, R, L, B]
+    assert [type(m) for m in head.predictor] == [L, B, R, L]
+    linears = [m for m in head.modules() if isinstance(m, L)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 32), (32, 32), (32, 16), (16, 48), (48, 16)]
+    assert all(m.bias is None for m in linears)
+
+
+def test_empty_queue_slots_are_unit_vectors_of_no_image():
+    q = NNQueue(32, 8)
+    assert torch.allclose(q.embeddings.norm(dim=1), torch.ones(32)) and (q.indices == -1).all() and q.ptr == 0
+
+
+def test_topk_draws_a_rank_for_each_query_on_its_own():
+    """One lookup of 64 queries with top-5: the ranks drawn differ between queries (a single draw shared by the
+    batch would make every positive the same rank). All five ranks occur; seeded, so it cannot flake."""
+    torch.manual_seed(0)
+    q = NNQueue(64, 8)
+    z = F.normalize(torch.randn(64, 8), dim=1)
+    idx = torch.full((64,), -5)
+    torch.manual_seed(1)
+    _, slots = q.lookup(z, idx, topk=5)
+    top5 = (z @ q.embeddings.T).topk(5, dim=1).indices  # (64, 5)
+    ranks = (top5 == slots[:, None]).float().argmax(dim=1)
+    assert (top5 == slots[:, None]).any(dim=1).all() and set(ranks.tolist()) == set(range(5))

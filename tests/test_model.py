@@ -161,8 +161,12 @@ def test_mae_forward_shapes_and_backward():
 
 def test_decoder_puts_each_token_at_its_patch_and_adds_the_position_embedding():
     """forward_decoder against a loop: each encoded token goes to the patch it came from (the k-th kept token to
-    patch ids_shuffle[k]), a mask token everywhere else, then the decoder's position embedding, blocks, norm, head."""
-    model = init_weights(nano()).eval()
+    patch ids_shuffle[k]), a mask token everywhere else, then the decoder's position embedding, blocks, norm, head.
+    The decoder is narrower than the encoder (as in every real preset), so the two position embeddings differ."""
+    torch.manual_seed(0)
+    model = init_weights(MaskedAutoencoder(**{**model_config("vit_nano", 32, 4, 3), "decoder_embed_dim": 32,
+                                              "decoder_num_heads": 2})).eval()
+    assert model.decoder_pos_embed.shape == (1, 65, 32)
     torch.nn.init.normal_(model.mask_token, std=1.0)  # distinct from zero, so a misplaced mask token shows
     torch.manual_seed(1)
     latent, mask, ids_restore = model.forward_features(torch.randn(3, 3, 32, 32), mask_ratio=0.75)  # (3, 1+16, D)
@@ -456,3 +460,21 @@ def test_model_config_rejects_bad_input():
         VisionTransformer(**cfg, embed_dimm=999)
     with pytest.raises(TypeError, match="embed_dimm"):
         MaskedAutoencoder(**cfg, embed_dimm=999)
+
+
+def test_sync_batchnorm_over_ranks_equals_batchnorm_on_the_global_batch(monkeypatch):
+    """SyncBatchNorm1d under a fake 2-rank group whose all_reduce doubles (the other rank holds the same batch):
+    the global batch is the batch twice, so the output equals BatchNorm1d's and the running variance is unbiased
+    over 2B. Features whose mean dwarfs their spread (300 +- 0.01) are where E[x^2] - E[x]^2 cancels to garbage."""
+    import torch.distributed as dist
+    from model import SyncBatchNorm1d
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(2))
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(32, 3), 300 + 0.01 * torch.randn(32, 1)], dim=1)
+    sync, ref = SyncBatchNorm1d(4), torch.nn.BatchNorm1d(4).double()
+    y, y_ref = sync(x), ref(x.double())
+    assert torch.allclose(y.double(), y_ref, atol=2e-3), (y - y_ref).abs().max()
+    var64 = x.double().var(0, unbiased=False)
+    assert torch.allclose(sync.running_var.double(), 0.9 + 0.1 * var64 * 64 / 63, rtol=1e-3)
