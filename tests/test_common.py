@@ -126,3 +126,20 @@ def test_help_shows_each_flags_default():
     text = " ".join(p.format_help().split())
     assert "a count (default: 7)" in text and "b (default: the checkpoint's) " in text and "c (default: 0)" in text
     assert "d (default" not in text
+
+
+def test_seed_step_never_repeats_a_seed_over_ranks_and_steps():
+    """Neighbouring (rank, step) pairs must not share a seed: with rank + step, rank 1 at step s would replay rank
+    0's crops and masks of step s + 1."""
+    seeds = set()
+    for rank in range(4):
+        for step in range(300):
+            common.seed_step(3, rank, step)
+            seeds.add(torch.initial_seed())
+    assert len(seeds) == 4 * 300
+
+
+def test_check_batch_boundary():
+    common.check_batch(4, 4)  # one full batch: fine
+    with pytest.raises(common.UserError, match="larger than the training set"):
+        common.check_batch(5, 4)

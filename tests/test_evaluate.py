@@ -651,3 +651,12 @@ def test_bad_input_messages(ckpts, tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="dog"):
         E.main()
     assert not (tmp_path / "eval").exists() and not (tmp_path / "results.json").exists()
+
+
+def test_kmeans_keeps_the_centre_of_a_cluster_that_empties():
+    """3 distinct points (5 copies each) and k = 4: one cluster must empty. Its centre stays where it was (a data
+    point), not at the origin, where it would steal points from the others."""
+    pts = torch.repeat_interleave(torch.randn(3, 6, generator=torch.Generator().manual_seed(0)) + 20, 5, dim=0)
+    for seed in range(5):
+        centres, _ = E.kmeans(pts, 4, seed=seed)
+        assert torch.cdist(centres, pts).min(dim=1).values.max() < 1e-4, seed
