@@ -126,7 +126,7 @@ class VisionTransformer(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.grid), persistent=True)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.frozen_blocks = 0  # see freeze()
+        self.frozen_blocks, self.frozen_modules = 0, []  # see freeze()
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Keep a random subset of L*(1-mask_ratio) tokens per sample, chosen by argsort of uniform noise
@@ -165,7 +165,7 @@ class VisionTransformer(nn.Module):
     def train(self, mode=True):
         """nn.Module.train, except that frozen parts (freeze) stay in eval mode."""
         super().train(mode)
-        for m in getattr(self, "frozen_modules", []):
+        for m in self.frozen_modules:
             m.eval()
         return self
 
