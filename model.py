@@ -338,16 +338,17 @@ class NNQueue(nn.Module):
     def lookup(self, z, idx, topk=1):
         """For normalised queries z (B, d) with dataset indices idx (B,): the nearest queue entry by cosine
         similarity (topk=1), or one drawn uniformly from the topk nearest. Entries of the same sample are
-        excluded. Returns (neighbours (B, d), their queue slots (B,))."""
+        excluded, also when topk reaches them. Returns (neighbours (B, d), their queue slots (B,))."""
         with torch.autocast(z.device.type, enabled=False):  # similarities in fp32, also under bf16 autocast
             sim = z.float() @ self.embeddings.float().T  # (B, N)
         sim.masked_fill_(idx[:, None] == self.indices[None, :], float("-inf"))
         if topk == 1:
             slot = sim.argmax(dim=1)
         else:
-            top = sim.topk(topk, dim=1).indices  # (B, k)
-            pick = torch.randint(0, topk, (z.shape[0], 1), device=z.device)
-            slot = top.gather(1, pick).squeeze(1)
+            top_sim, top = sim.topk(topk, dim=1)  # (B, k)
+            # a uniform draw among the k: the largest of k random keys, where an excluded entry's key can never win
+            keys = torch.rand(top.shape, device=z.device).masked_fill_(top_sim == float("-inf"), -1)
+            slot = top.gather(1, keys.argmax(dim=1, keepdim=True)).squeeze(1)
         return self.embeddings[slot], slot
 
     @torch.no_grad()

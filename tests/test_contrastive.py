@@ -82,6 +82,23 @@ def test_topk_draws_only_from_true_topk_and_covers_it():
     assert all(len(s) == k for s in seen), "uniform draw from the top-k should reach all k entries"
 
 
+
+def test_topk_as_long_as_the_queue_never_draws_the_query_itself():
+    """--topk may equal the queue size (check_queue allows it), so the top-k then holds the query's own entries,
+    excluded at -inf: the draw is uniform over the other entries and never reaches those."""
+    q = NNQueue(6, 4)
+    q.embeddings.copy_(F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1))
+    q.indices.copy_(torch.tensor([7, 1, 7, 2, 3, 4]))  # sample 7 twice in the queue
+    z, idx = q.embeddings[[0, 1]].clone(), torch.tensor([7, 1])
+    counts = torch.zeros(2, 6)
+    for s in range(600):
+        torch.manual_seed(s)
+        _, slots = q.lookup(z, idx, topk=6)
+        counts[0, slots[0]] += 1
+        counts[1, slots[1]] += 1
+    assert counts[0, [0, 2]].sum() == 0 and counts[1, 1] == 0  # never the query's own sample
+    assert (counts[0, [1, 3, 4, 5]] > 90).all() and (counts[1, [0, 2, 3, 4, 5]] > 70).all()  # uniform over the rest
+
 def test_fifo_order_and_wraparound():
     q = NNQueue(6, 4)
     batches = [(F.normalize(torch.randn(2, 4), dim=1), torch.tensor([10 * b, 10 * b + 1])) for b in range(4)]

@@ -352,6 +352,23 @@ def test_lowshot_logistic_regression():
     assert E.accuracy(pred, y.flip(0)) < 50
 
 
+
+@pytest.mark.parametrize("l2", [1e-3, 0.3])
+def test_logistic_regression_matches_sklearn(l2):
+    """The low-shot classifier is the exact optimum of mean cross-entropy + l2/2 |W|^2 with the bias unpenalised:
+    sklearn's multinomial LogisticRegression solves the same problem with C = 1/(l2 n). Four overlapping classes, so
+    the L2 weight, the mean (not sum) loss, the free bias and convergence all move the boundary."""
+    from sklearn.linear_model import LogisticRegression
+    x, y = blobs(115, 4, 8, seed=3, spread=4.0)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    (xtr, xte), (ytr, yte) = x.split([60, 400]), y.split([60, 400])
+    pred = E.logistic_regression(xtr, ytr, xte, 4, l2=l2)
+    ref = LogisticRegression(C=1 / (l2 * len(ytr)), tol=1e-10, max_iter=10000).fit(xtr.double().numpy(), ytr.numpy())
+    ref_pred = torch.from_numpy(ref.predict(xte.double().numpy()))
+    assert 60 < E.accuracy(ref_pred, yte) < 95  # overlapping: the boundary matters
+    assert (pred != ref_pred).sum() <= 2
+
 # ---- features ----
 def test_extract_features_in_dataset_order():
     sub = first_n(data.load_split("synthetic", None, "val", 32), 301)  # 301: a short last batch
