@@ -187,8 +187,11 @@ def test_two_ranks_equal_one_process(two_rank_steps, stage3):
     assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert got["grads"].keys() == grads.keys() and len(grads) > 0
+    # fp32 sums run in another order over 2 ranks, so the error scales with the largest gradient, not each entry's
+    # own: encoder.norm.bias's gradient is zero but for rounding (the head's BatchNorm removes a constant shift)
+    scale = max(g.abs().max() for g in grads.values())
     for k in grads:
-        assert torch.allclose(got["grads"][k], grads[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(got["grads"][k], grads[k], rtol=1e-4, atol=1e-5 * scale), k
     for k, v in model.queue.state_dict().items():
         assert torch.allclose(got["queue"][k].float(), v.float(), atol=1e-6), k
     for k, v in got["bn"].items():
