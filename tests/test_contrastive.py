@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import model
 from model import MAECT, MaskedAutoencoder, NNQueue, init_weights, model_config, nnclr_loss
 from tests.conftest import assert_same_state, run_here, run_in_process, run_script, run_torchrun
 from tests.nnclr_case import HEAD, make_case
@@ -242,14 +243,25 @@ def test_layer_decay_groups():
 # ---------------------------------------------------------------- the scripts
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """A stage-1 checkpoint (vit_nano, untrained: these tests are about mechanics) and a short stage 2."""
+    """A stage-1 checkpoint (vit_nano, untrained: these tests are about mechanics) and a short stage 2, with the
+    head's weights as stage 2 made them (head_start.pt)."""
     d = tmp_path_factory.mktemp("chain")
     cfg = model_config("vit_nano", 32, 4, 3)
     mae = init_weights(MaskedAutoencoder(**cfg))
     common.save_checkpoint(str(d / "mae.pt"), stage="mae", config=cfg, model=mae.state_dict(), step=0)
-    r = run("init_head.py", "--init_from", d / "mae.pt", "--dataset", "synthetic", "--epochs", "1", "--batch_size", "64",
-            "--max_steps", "4", "--out_dir", d / "head", "--device", "cpu", "--warmup_epochs", "0.1", *SMALL_HEAD)
+    made = []
+
+    def recording(*args, **kwargs):
+        m = MAECT(*args, **kwargs)
+        made.append({k: v.clone() for k, v in m.head.state_dict().items()})
+        return m
+    with pytest.MonkeyPatch.context() as mp:  # the script runs in this process: it imports the patched class
+        mp.setattr(model, "MAECT", recording)
+        r = run("init_head.py", "--init_from", d / "mae.pt", "--dataset", "synthetic", "--epochs", "1", "--batch_size",
+                "64", "--max_steps", "4", "--out_dir", d / "head", "--device", "cpu", "--warmup_epochs", "0.1",
+                *SMALL_HEAD)
     assert r.returncode == 0, r.stderr[-2000:]
+    torch.save(made[0], d / "head_start.pt")
     return d
 
 
@@ -259,9 +271,9 @@ def test_stage2_leaves_encoder_bit_identical(chain):
     assert head["stage"] == "head" and head["step"] == 4
     enc = {k[len("encoder."):]: v for k, v in head["model"].items() if k.startswith("encoder.")}
     assert enc.keys() and all(torch.equal(v, mae[k]) for k, v in enc.items())
-    fresh = init_weights(MAECT(mae_cfg(chain), head["args"]["queue_size"], "mean", **HEAD))
-    moved = [k for k, v in fresh.head.state_dict().items() if not torch.equal(v, head["model"]["head." + k])]
-    assert moved, "the head should have trained"
+    start = torch.load(chain / "head_start.pt", weights_only=True)
+    still = [k for k, v in start.items() if torch.equal(v, head["model"]["head." + k])]
+    assert start and not still, f"every weight and statistic of the head should have trained: {still}"
     assert (head["model"]["queue.indices"] >= 0).sum() == 4 * 64  # 4 steps of 64 enqueued
 
 
