@@ -507,14 +507,34 @@ def load_strict(module, sd, what):
     module.load_state_dict(sd)
 
 
-def encoder_from_checkpoint(ckpt, what):
-    """(model config, encoder state dict) from a checkpoint of any stage or an official MAE file."""
+def add_num_heads_arg(group):
+    """--num_heads, for the scripts that read official MAE / timm files (stage 2, evaluate.py)."""
+    group.add_argument("--num_heads", type=POSITIVE_INT, default=None,
+                       help="attention heads of an official/timm file, which does not record them (default: the preset's "
+                            "for its width and depth, as the official MAE models have: B 12, L and H 16); our "
+                            "checkpoints carry their own")
+
+
+def encoder_from_checkpoint(ckpt, what, num_heads=None):
+    """(model config, encoder state dict) from a checkpoint of any stage or an official MAE file. The head count
+    is the one thing the weights cannot tell (the qkv shapes are the same for any): ours record it; for an official
+    or timm file it is the preset's of that width and depth unless `num_heads` (--num_heads) says otherwise."""
     from model import encoder_state_dict, infer_encoder_config
     sd = encoder_state_dict(ckpt["model"])
+    if "config" in ckpt:
+        cfg = ckpt["config"]
+        if num_heads is not None and num_heads != cfg["num_heads"]:
+            raise UserError(f"--num_heads {num_heads}, but {what} was trained with {cfg['num_heads']} heads "
+                            "(the flag is for official/timm files, which do not record it)")
+        return cfg, sd
     try:
-        cfg = ckpt["config"] if "config" in ckpt else infer_encoder_config(sd)
+        cfg = infer_encoder_config(sd)
     except (KeyError, ValueError, IndexError) as e:
         raise UserError(f"{what}: cannot tell the model size from its weights ({e})")
+    if num_heads is not None:
+        if cfg["embed_dim"] % num_heads:
+            raise UserError(f"--num_heads {num_heads} does not divide the width {cfg['embed_dim']} of {what}")
+        cfg = dict(cfg, num_heads=num_heads)
     return cfg, sd
 
 

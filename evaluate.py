@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p = common.ArgumentParser(__doc__)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--init_from", required=True, help="checkpoint of any stage (ckpt.pt) or an official MAE .pth")
+    common.add_num_heads_arg(g)
     g.add_argument("--dataset", default=None, help=f"{' | '.join(data.DATASETS)} (default: the one the checkpoint was trained on)")
     g.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's, when --dataset is its dataset too)")
     g.add_argument("--img_size", type=common.POSITIVE_INT, default=None, help="input side (default and only valid value: the checkpoint's)")
@@ -451,7 +452,7 @@ def main():
         raise common.UserError(f"unknown --metrics {', '.join(sorted(set(metrics) - set(METRICS)))}; choose from {', '.join(METRICS)}")
     ckpt = common.load_checkpoint(args.init_from, stages=["mae", "head", "ct", "official"])
     stage, ck_args = ckpt["stage"], ckpt.get("args", {})
-    cfg, enc_sd = common.encoder_from_checkpoint(ckpt, args.init_from)
+    cfg, enc_sd = common.encoder_from_checkpoint(ckpt, args.init_from, args.num_heads)
     if args.encoder_ema:
         if "encoder_ema" not in ckpt:
             raise common.UserError(f"--encoder_ema, but {args.init_from} ({stage} stage) holds no encoder EMA "

@@ -42,6 +42,8 @@ def add_head_args(p, stage3=False):
     variant (the head's views)."""
     g = p.add_argument_group("NNCLR")
     g.add_argument("--init_from", required=True, help="checkpoint of the previous stage (or an official MAE .pth)")
+    if not stage3:
+        common.add_num_heads_arg(g)
     inherit = " (default: the stage-2 head's)" if stage3 else ""
     g.add_argument("--pooling", default=None, choices=["mean", "cls"], help="encoder feature: mean of patch tokens or CLS"
                    + (inherit or " (default: the paper's choice for the model size)"))
@@ -80,7 +82,7 @@ def main():
     common.check_compile_mode(args)
     ckpt_path = common.checkpoint_path(args)
     prev = common.load_checkpoint(args.init_from, stages=["mae", "official"])
-    cfg, enc_sd = common.encoder_from_checkpoint(prev, args.init_from)
+    cfg, enc_sd = common.encoder_from_checkpoint(prev, args.init_from, args.num_heads)
     data.input_data(args, prev.get("args", {}), cfg, args.init_from)  # --dataset: the MAE's unless given
     args.pooling = args.pooling or cfg["pooling"]
 

@@ -27,6 +27,8 @@
 # smoke; it is part of stage 2's settings, so a run made with one is not continued with the other), MAE=FILE (start from
 # this stage-1 checkpoint, ours or an official MAE .pth, instead of training stage 1; a path relative to this folder,
 # like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none stops),
+# HEADS=N (with MAE=: the attention heads of that file, which records none; default the preset's for its width and
+# depth, as the official models have),
 # GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1 only (the
 # recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel (one GPU,
 # meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the same
@@ -99,6 +101,11 @@ eval_flags "$@"  # pass: the extra flags evaluate.py takes too; dev: the --devic
 E1=${E1:-${e[0]}}; E2=${E2:-${e[1]}}; E3=${E3:-${e[2]}}; E3_AUG=${E3_AUG:-${e3aug:-$E3}}
 RUN=${RUN:-runs/${name}_s${SEED}}
 cap=${STEPS:+--max_steps $STEPS}
+if [ -n "${HEADS:-}" ] && [ -z "${MAE:-}" ]; then
+  echo "error: HEADS= is for MAE=FILE (a file that does not record its head count); stage 1 here uses the preset's" >&2
+  exit 2
+fi
+heads=${HEADS:+--num_heads $HEADS}
 # --device cpu (dev, from eval_flags): no GPU is used, and none is counted (a torch import)
 if [ "$dev" = cpu ]; then ngpu=0; else ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0); fi
 case $name in smoke|cifar10_5k) ;; *) if [ "$ngpu" = 0 ]; then
@@ -172,18 +179,18 @@ evaluate() {  # evaluate NAME CHECKPOINT: skipped if done, unless the checkpoint
   local dir=$RUN/$1
   if evaluated_already "$dir" "$2"; then return; fi
   echo "== evaluate.py $2 -> $dir"
-  "${launch[@]}" evaluate.py --init_from "$2" $data --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
+  "${launch[@]}" evaluate.py --init_from "$2" $data $heads --seed "$SEED" --out_dir "$dir" ${EVAL:-} "${pass[@]}"
   record_from "$dir" "$2"
 }
 
 ct_arm() {  # MAE-CT: the MAE's evaluation, then stage 2 and stage 3 with crop + flip, and their evaluation
   evaluate eval_mae "$mae"
-  stage head init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
+  stage head init_head.py --init_from "$mae" $head $heads ${POOLING:+--pooling "$POOLING"} --epochs "$E2" --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
   stage ct contrastive_tune.py --init_from "$RUN/head/ckpt.pt" $head $extra_ct $ct_extra --epochs "$E3" --batch_size "${bs[2]}" --warmup_epochs $((E3 / 5)) $cap "$@"
   evaluate eval_ct "$RUN/ct/ckpt.pt"
 }
 aug_arm() {  # MAE-CT_aug: its own head, on the colour views; stage 3 takes the views and the _aug defaults from it
-  stage head_aug init_head.py --init_from "$mae" $head ${POOLING:+--pooling "$POOLING"} --views aug --epochs "$E2" \
+  stage head_aug init_head.py --init_from "$mae" $head $heads ${POOLING:+--pooling "$POOLING"} --views aug --epochs "$E2" \
       --batch_size "${bs[1]}" --warmup_epochs $((E2 / 5)) $cap "$@"
   stage ct_aug contrastive_tune.py --init_from "$RUN/head_aug/ckpt.pt" $head $extra_ct $extra_ct_aug $ct_extra \
       --epochs "$E3_AUG" --batch_size "${bs[2]}" --warmup_epochs $((E3_AUG / 5)) $cap "$@"

@@ -642,7 +642,13 @@ def test_official_mae_file_is_accepted_by_init_head(tmp_path):
     r = run("init_head.py", "--init_from", tmp_path / "mae_pretrain_vit_nano.pth", "--dataset", "synthetic",
             "--batch_size", "64", "--max_steps", "2", "--out_dir", tmp_path / "h", "--device", "cpu", *SMALL_HEAD)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert torch.load(tmp_path / "h" / "ckpt.pt", weights_only=True)["config"]["embed_dim"] == 64
+    assert torch.load(tmp_path / "h" / "ckpt.pt", weights_only=True)["config"] == cfg  # heads: the preset's
+    # a file trained with another head count: --num_heads, recorded in the stage-2 checkpoint for stage 3
+    r = run("init_head.py", "--init_from", tmp_path / "mae_pretrain_vit_nano.pth", "--dataset", "synthetic",
+            "--batch_size", "64", "--max_steps", "1", "--out_dir", tmp_path / "h2", "--device", "cpu",
+            "--num_heads", "2", *SMALL_HEAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(tmp_path / "h2" / "ckpt.pt", weights_only=True)["config"] == dict(cfg, num_heads=2)
 
 
 def assert_refused(r, out, text):

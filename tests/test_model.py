@@ -342,6 +342,28 @@ def test_infer_encoder_config_vit_base():
         infer_encoder_config(sd)
 
 
+def test_num_heads_of_a_file_without_config():
+    """The weights cannot tell the head count (qkv is (3D, D) for any), yet it changes what the encoder computes:
+    an official/timm file takes the preset's unless told (--num_heads); our checkpoints keep the recorded one."""
+    cfg = model_config("vit_nano", 32, 4, 3)
+    enc = init_weights(VisionTransformer(**cfg))
+    official = {"model": enc.state_dict()}
+    assert common.encoder_from_checkpoint(official, "f")[0] == cfg
+    cfg2, sd = common.encoder_from_checkpoint(official, "f", num_heads=2)
+    assert cfg2 == dict(cfg, num_heads=2)
+    enc2 = VisionTransformer(**cfg2)
+    enc2.load_state_dict(sd, strict=True)  # loads silently: only the config can say
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(enc(x), enc2(x), atol=1e-4)
+    with pytest.raises(common.UserError, match="does not divide"):
+        common.encoder_from_checkpoint(official, "f", num_heads=3)
+    ours = {"model": enc.state_dict(), "config": cfg}
+    assert common.encoder_from_checkpoint(ours, "f", num_heads=4)[0] == cfg
+    with pytest.raises(common.UserError, match="trained with 4 heads"):
+        common.encoder_from_checkpoint(ours, "f", num_heads=2)
+
+
 def test_pos_embed_without_cls_row_gets_padded():
     torch.manual_seed(0)
     sd = {k: torch.randn(s) for k, s in official_shapes(64, 4, 32, 4).items()}

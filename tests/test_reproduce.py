@@ -29,6 +29,9 @@ def test_reproduce_rejects_unknown_recipe_and_pooling(tmp_path):
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, RUN=str(tmp_path / "run")))
     assert r.returncode == 2 and r.stderr == "error: --device needs a value\n" and not (tmp_path / "run").exists()
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, HEADS="2", RUN=str(tmp_path / "run")))
+    assert r.returncode == 2 and r.stderr.startswith("error: HEADS= is for MAE=") and not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -60,6 +63,13 @@ def test_reproduce_from_official_mae_weights(tmp_path):
     assert row("MAE") == f"{mae['cls']['knn10']:.1f}" and row("MAE (mean pooling)") == f"{mae['mean']['knn10']:.1f}"
     assert row("MAE-CT") == f"{json.loads((run / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
     assert "| MAE |" in r.stdout and "| MAE-CT |" in r.stdout
+    assert load_ckpt(run / "ct" / "ckpt.pt")["config"]["num_heads"] == 4  # the preset's: the file records none
+    # HEADS=: a file trained with another head count; every stage and evaluation after it has that count
+    env2 = dict(env, RUN=str(tmp_path / "run2"), HEADS="2")
+    r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, env=env2,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert [load_ckpt(tmp_path / "run2" / s / "ckpt.pt")["config"]["num_heads"] for s in ("head", "ct")] == [2, 2]
     # a rerun that forgets MAE= stops before training a stage 1 that stages 2-3 would not use
     env.pop("MAE")
     r = subprocess.run(["bash", str(REPO / "reproduce.sh"), "smoke", "--device", "cpu"], cwd=REPO, env=env,
