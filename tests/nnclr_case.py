@@ -11,7 +11,8 @@ def make_case(stage3, batch=8, queue_size=16):
     upper half with a target projector and top-1 lookup (top-k draws are random per rank)."""
     torch.manual_seed(0)
     cfg = model_config("vit_nano", 16, 4, 3)
-    model = init_weights(MAECT(cfg, queue_size, "mean", **HEAD, target=stage3))
+    model = MAECT(cfg, queue_size, "mean", **HEAD, target=stage3)
+    init_weights(model.encoder)  # the head keeps PyTorch's default init, as in init_head.py
     if stage3:
         model.target_projector.load_state_dict(model.head.projector.state_dict())
         model.encoder.freeze(2)  # before DDP, as contrastive_tune.py does: DDP reduces only trained params
