@@ -477,6 +477,24 @@ def _shard_indices(n, batch_size, world_size, rank, seed, epoch, shuffle, drop_l
     return perm[rank::world_size]
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, splitmix64's increment
+
+
+def _mix64(x):
+    """splitmix64's finaliser on a uint64 array: every input bit reaches every output bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _crop_seeds(seed, epoch, indices):
+    """One 32-bit seed per image of this epoch (torch.manual_seed keeps only the low 32 bits of what it gets, so
+    the mixing happens here: a sum like seed * K + epoch scaled by 2**31 would repeat every other epoch)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
+        key = _mix64(_mix64(np.array([seed % 2**64], dtype=np.uint64) + _GOLDEN) ^ np.uint64(epoch))
+        return _mix64(key + np.asarray(indices, dtype=np.uint64) * _GOLDEN) >> np.uint64(32)
+
+
 class _FolderViews(torch.utils.data.Dataset):
     """ImageFolder item -> (uint8 (n_views, 3, S, S) crops, label, index); colour happens later on the device."""
 
@@ -572,8 +590,7 @@ class ViewLoader:
     def _iter_files(self, indices):
         # Each image's crops are drawn from a seed of (seed, epoch, image), not from the workers' own generators:
         # the same crops whatever --num_workers, and a resumed epoch continues with the crops it would have had.
-        base = (self.seed * 1_000_003 + self.epoch) * 2**31
-        self.sampler.indices = [(i, (base + i) % 2**63) for i in indices.tolist()]
+        self.sampler.indices = list(zip(indices.tolist(), _crop_seeds(self.seed, self.epoch, indices).tolist()))
         for crops, labels, idx in self.loader:  # crops: uint8 (B, n_views, 3, S, S)
             crops = crops.to(self.device, non_blocking=True).float() / 255
             views = []

@@ -119,13 +119,13 @@ def test_file_backed_views_flip_about_half(tmp_path):
 
 def test_file_backed_crops_depend_on_seed_epoch_and_image_only(tmp_path):
     """File-backed crops are drawn from a seed of (seed, epoch, image): the same with or without loader workers,
-    a resumed epoch continues with the crops it would have had, the next epoch draws others, and the main
+    a resumed epoch continues with the crops it would have had, other epochs and seeds draw others, and the main
     process's generator is left as it was (its draws belong to the training step)."""
     files = _image_folder(tmp_path, torch.randint(0, 256, (12, 3, 16, 16), generator=torch.Generator().manual_seed(0),
                                                   dtype=torch.uint8))
 
-    def epoch(workers, epoch=0, start_batch=0):
-        loader = data.ViewLoader(files, 4, "minimal", 2, 8, "cpu", seed=3, num_workers=workers)
+    def epoch(workers, epoch=0, start_batch=0, seed=3):
+        loader = data.ViewLoader(files, 4, "minimal", 2, 8, "cpu", seed=seed, num_workers=workers)
         loader.set_epoch(epoch, start_batch)
         torch.manual_seed(123)
         out = [(idx, torch.stack(views)) for idx, views, _ in loader]
@@ -138,9 +138,14 @@ def test_file_backed_crops_depend_on_seed_epoch_and_image_only(tmp_path):
     idx_r, views_r, _ = epoch(0, start_batch=1)  # resumed after the first batch
     assert torch.equal(idx_r, idx[4:]) and torch.equal(views_r, views[:, 4:])
     assert not torch.equal(views[0], views[1])  # two views, two crops
-    idx_e, views_e, _ = epoch(0, epoch=1)
-    order = torch.argsort(idx_e)[torch.argsort(torch.argsort(idx))]  # the same images, in epoch 0's order
-    assert not torch.isclose(views_e[:, order], views).all(dim=(2, 3, 4)).any()
+
+    def by_image(idx, views):
+        return views[:, torch.argsort(idx)]
+
+    # Other epochs and other seeds draw other crops of every image: not only the next epoch, but also epoch 2 and
+    # seed 5 (a seed that kept only the low 32 bits of (seed * K + epoch) * 2**31 repeated every other epoch).
+    for other in (epoch(0, epoch=1), epoch(0, epoch=2), epoch(0, seed=5), epoch(0, seed=4)):
+        assert not torch.isclose(by_image(*other[:2]), by_image(idx, views)).all(dim=(2, 3, 4)).any()
 
 
 def test_two_views_of_an_image_are_different_crops_on_both_paths(tmp_path):
