@@ -137,8 +137,24 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
 
 
 # ---------------------------------------------------------------- checks of the flags, before anything starts
+def check_out_dir(out_dir):
+    """An --out_dir that can be made (or is there), checked before any work, without making it yet: a path under a
+    file, or in a folder this user cannot write to, would otherwise fail only when the first file is written."""
+    path = os.path.abspath(out_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):  # the nearest part of the path that exists: the folder it will be made in
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out_dir {out_dir} cannot be made: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir {out_dir}: no permission to write in {parent}")
+
+
 def checkpoint_path(args):
     """OUT_DIR/ckpt.pt, where every stage saves and --resume continues from (so it must exist then)."""
+    check_out_dir(args.out_dir)
     path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.isfile(path):
         raise UserError(f"--resume but there is no checkpoint at {path}")

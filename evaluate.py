@@ -465,6 +465,7 @@ def main():
     poolings = [args.pooling or ck_args["pooling"]] if (args.pooling or stage in ("head", "ct")) else ["cls", "mean"]
     headline = poolings[0] if len(poolings) == 1 else PRESETS[cfg["model"]]["pooling"]
     args.out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.init_from)), "eval")
+    common.check_out_dir(args.out_dir)
 
     # ---- process ----
     proc = common.setup(args)

@@ -143,3 +143,17 @@ def test_check_batch_boundary():
     common.check_batch(4, 4)  # one full batch: fine
     with pytest.raises(common.UserError, match="larger than the training set"):
         common.check_batch(5, 4)
+
+
+def test_check_out_dir_refuses_a_file_and_a_path_under_one_and_makes_nothing(tmp_path):
+    """A run folder that can be made is accepted without being made (nothing written before the run starts);
+    one that is a file, or lies under a file, is refused up front. (The no-permission case cannot be set up here:
+    the tests run as root, for whom os.access always says yes.)"""
+    (tmp_path / "f").write_text("")
+    common.check_out_dir(tmp_path / "new" / "deeper")
+    common.check_out_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    with pytest.raises(common.UserError, match="is a file, not a folder"):
+        common.check_out_dir(tmp_path / "f")
+    with pytest.raises(common.UserError, match=f"{tmp_path / 'f'} is a file"):
+        common.check_out_dir(tmp_path / "f" / "run" / "x")

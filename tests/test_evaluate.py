@@ -655,7 +655,9 @@ def test_bad_input_messages(ckpts, tmp_path, monkeypatch):
     cases = [([mae, "--features", "projector"], "stage-2/3"), ([mae, "--encoder_ema"], "EMA"),
              ([mae, "--dataset", "fashion_mnist"], "does not fit"), ([mae, "--img_size", 64], "does not fit"),
              ([official], "pass --dataset"), ([mae, "--metrics", "knn,cluster"], "unknown --metrics"),
-             ([mae, "--num_heads", 2], "trained with 4 heads"), ([official, "--num_heads", 3], "does not divide")]
+             ([mae, "--num_heads", 2], "trained with 4 heads"), ([official, "--num_heads", 3], "does not divide"),
+             ([mae, "--out_dir", tmp_path / "a_file" / "eval"], "is a file")]  # refused before any work
+    (tmp_path / "a_file").write_text("")
     for extra, text in cases:
         monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", "--out_dir", str(tmp_path),
                                           "--init_from", *map(str, extra)])

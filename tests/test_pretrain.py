@@ -81,14 +81,17 @@ def test_loss_falls(tmp_path):
     (["--dataset", "synthetic", "--img_size", "30", "--patch_size", "4"], "not divisible"),
     (["--dataset", "synthetic", "--resume"], "no checkpoint"),
     (["--dataset", "synthetic", "--nnclr_weight", "1", "--compile_mode", "reduce-overhead"], "plain MAE"),
+    (["--dataset", "synthetic", "--out_dir", "A_FILE/run"], "is a file"),
 ], ids=["missing_data_path", "unknown_dataset", "unknown_model", "img_not_divisible", "resume_without_ckpt",
-        "cuda_graphs_with_joint"])
+        "cuda_graphs_with_joint", "out_dir_under_a_file"])
 def test_bad_input_fails_cleanly(tmp_path, args, text):
     """Exit 2, one error line naming the problem, no traceback, nothing written."""
     out = tmp_path / "run"
+    (tmp_path / "a_file").write_text("")
+    args = [a.replace("A_FILE", str(tmp_path / "a_file")) for a in args]
     model = [] if "--model" in args else ["--model", "vit_nano"]
-    code, _, err = run_in_process("pretrain_mae.py", *args, *model, "--device", "cpu",
-                                  "--max_steps", "2", "--batch_size", "32", "--out_dir", out)
+    code, _, err = run_in_process("pretrain_mae.py", *model, "--device", "cpu",
+                                  "--max_steps", "2", "--batch_size", "32", "--out_dir", out, *args)
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     errors = [line for line in lines if "error:" in line]
