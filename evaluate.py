@@ -105,6 +105,8 @@ def extract_features(fn, imageset, img_size, proc, batch_size=256, num_workers=4
     (N,)) on proc.device in dataset order, on every rank. Rank r sees images r, r+W, r+2W, ... (the loader's
     sharding); the shards, padded to equal length, are all-gathered and scattered back by their indices.
     With desc, a progress line every 30 s (ImageNet's train set takes minutes)."""
+    if len(imageset) < proc.world:  # a rank without images would have no features to gather (every rank sees this)
+        raise common.UserError(f"{desc or 'a split'} has {len(imageset)} images, fewer than the {proc.world} processes")
     loader = data.ViewLoader(imageset, max(1, batch_size // proc.world), "eval", 1, img_size, proc.device,
                              proc.rank, proc.world, shuffle=False, drop_last=False, num_workers=num_workers)
     idxs, feats = [], []

@@ -455,13 +455,20 @@ feats, labels = E.extract_features(lambda x: x.mean(dim=(2, 3)), s, 32, proc, ba
 ref = data._normalize(s.images.float() / 255, s.mean, s.std).mean(dim=(2, 3))
 assert torch.allclose(feats, ref, atol=1e-5), "features out of order"
 assert torch.equal(labels, s.labels)
+one = dataclasses.replace(s, images=s.images[:1], labels=s.labels[:1])  # fewer images than ranks: refused on both
+try:
+    E.extract_features(lambda x: x.mean(dim=(2, 3)), one, 32, proc, desc="val")
+    raise AssertionError("one image on two ranks was not refused")
+except common.UserError as e:
+    assert "val has 1 images, fewer than the 2 processes" in str(e), e
 torch.distributed.destroy_process_group()
 print("ok", proc.rank)
 """
 
 
 def test_extract_features_two_processes(tmp_path):
-    """Under torchrun (gloo), the gathered features come back in dataset order on every rank."""
+    """Under torchrun (gloo), the gathered features come back in dataset order on every rank; a split with fewer
+    images than ranks is refused on every rank (one rank would otherwise wait for the other's gather forever)."""
     script = tmp_path / "ddp_extract.py"
     script.write_text(DDP_SCRIPT)
     r = run_torchrun(script, ROOT, timeout=120)  # --standalone: a free rendezvous port
