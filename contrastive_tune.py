@@ -43,6 +43,7 @@ from model import MAECT
 
 # The authors' stage-3 settings (their configs, ml-jku/MAE-CT yamls/stage3_*), per variant: the first line for B and
 # smaller, then what L and H change. Their MAE-CT_aug configs exist for B/16, L/16 and H/14; ours takes H/14's for H.
+# Of the _aug settings our SPEC.md gives only the head lr; its epochs, top-k, temperature and EMA come from those configs.
 PAPER = {"minimal": dict(temperature=0.15, target_ema=0.99, epochs=20, topk=20, head_blr=1e-4),
          "aug": dict(temperature=0.15, target_ema=0.99, epochs=80, topk=10, head_blr=5e-4)}
 PAPER_BY_MODEL = {
