@@ -140,12 +140,16 @@ def add_common_args(p, epochs, batch_size, blr, warmup_frac, out_dir, epochs_hel
 def check_out_dir(out_dir):
     """An --out_dir that can be made (or is there), checked before any work, without making it yet: a path under a
     file, or in a folder this user cannot write to, would otherwise fail only when the first file is written."""
-    path = os.path.abspath(out_dir)
+    if not str(out_dir):
+        raise UserError("--out_dir is empty")
+    path = os.path.join(os.getcwd(), out_dir)  # not abspath: "file/../run" must fail here as it will in makedirs
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--out_dir {out_dir} is a file, not a folder")
     parent = path
     while not os.path.exists(parent):  # the nearest part of the path that exists: the folder it will be made in
-        parent = os.path.dirname(parent)
+        if os.path.islink(parent):
+            raise UserError(f"--out_dir {out_dir} cannot be made: {parent} is a broken link")
+        parent = os.path.dirname(parent)  # of "a/f/..", "a/f": makedirs needs it to be a folder first
     if not os.path.isdir(parent):
         raise UserError(f"--out_dir {out_dir} cannot be made: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -165,6 +169,12 @@ def check_batch(batch_size, n_train):
     """The loaders drop the last partial batch: a global batch larger than the data would train for no step."""
     if n_train < batch_size:
         raise UserError(f"--batch_size {batch_size} is larger than the training set ({n_train} images)")
+
+
+def check_per_rank(n, what, world):
+    """Feature extraction deals a split out to the ranks; one without images would leave the others waiting."""
+    if n < world:
+        raise UserError(f"{what} has {n} images, fewer than the {world} processes")
 
 
 def check_queue(args, n_train):

@@ -105,8 +105,7 @@ def extract_features(fn, imageset, img_size, proc, batch_size=256, num_workers=4
     (N,)) on proc.device in dataset order, on every rank. Rank r sees images r, r+W, r+2W, ... (the loader's
     sharding); the shards, padded to equal length, are all-gathered and scattered back by their indices.
     With desc, a progress line every 30 s (ImageNet's train set takes minutes)."""
-    if len(imageset) < proc.world:  # a rank without images would have no features to gather (every rank sees this)
-        raise common.UserError(f"{desc or 'a split'} has {len(imageset)} images, fewer than the {proc.world} processes")
+    common.check_per_rank(len(imageset), desc or "a split", proc.world)  # (main and the stages check it up front)
     loader = data.ViewLoader(imageset, max(1, batch_size // proc.world), "eval", 1, img_size, proc.device,
                              proc.rank, proc.world, shuffle=False, drop_last=False, num_workers=num_workers)
     idxs, feats = [], []
@@ -452,6 +451,8 @@ def main():
     metrics = [m for m in args.metrics.split(",") if m]
     if set(metrics) - set(METRICS):
         raise common.UserError(f"unknown --metrics {', '.join(sorted(set(metrics) - set(METRICS)))}; choose from {', '.join(METRICS)}")
+    args.out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.init_from)), "eval")
+    common.check_out_dir(args.out_dir)
     ckpt = common.load_checkpoint(args.init_from, stages=["mae", "head", "ct", "official"])
     stage, ck_args = ckpt["stage"], ckpt.get("args", {})
     cfg, enc_sd = common.encoder_from_checkpoint(ckpt, args.init_from, args.num_heads)
@@ -466,8 +467,6 @@ def main():
     # Poolings: the head's for stage 2/3; both for an MAE, whose headline is the paper's choice for its size.
     poolings = [args.pooling or ck_args["pooling"]] if (args.pooling or stage in ("head", "ct")) else ["cls", "mean"]
     headline = poolings[0] if len(poolings) == 1 else PRESETS[cfg["model"]]["pooling"]
-    args.out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.init_from)), "eval")
-    common.check_out_dir(args.out_dir)
 
     # ---- process ----
     proc = common.setup(args)
@@ -477,6 +476,8 @@ def main():
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, None, args.seed)
     if list(train.classes) != list(val.classes):
         raise common.UserError(f"train and val have different classes ({len(train.classes)} vs {len(val.classes)})")
+    common.check_per_rank(len(train), "train", proc.world)
+    common.check_per_rank(len(val), "val", proc.world)
     if max(args.knn_k) > len(train):
         raise common.UserError(f"--knn_k {max(args.knn_k)} is larger than the training set ({len(train)} images)")
     num_classes = len(train.classes)

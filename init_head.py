@@ -98,6 +98,8 @@ def main():
                              args.seed, num_workers=args.num_workers, crop_scale=(args.crop_min, 1.0))
     train_labels = train.labels.to(proc.device)
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed) if args.eval_every else None
+    if val is not None:
+        common.check_per_rank(len(val), "val", proc.world)  # --eval_every's k-NN deals it out to the ranks
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)

@@ -81,6 +81,8 @@ def main():
     train = data.load_split(args.dataset, args.data_path, "train", args.img_size, args.data_on_gpu, args.seed)
     val = data.load_split(args.dataset, args.data_path, "val", args.img_size, args.data_on_gpu, args.seed)
     common.check_batch(args.batch_size, len(train))
+    if args.eval_every:
+        common.check_per_rank(len(val), "val", proc.world)  # its k-NN deals it out to the ranks
     if joint:
         common.check_queue(args, len(train))
         train_labels = train.labels.to(proc.device)  # for the nn_acc diagnostic only

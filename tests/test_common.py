@@ -157,3 +157,10 @@ def test_check_out_dir_refuses_a_file_and_a_path_under_one_and_makes_nothing(tmp
         common.check_out_dir(tmp_path / "f")
     with pytest.raises(common.UserError, match=f"{tmp_path / 'f'} is a file"):
         common.check_out_dir(tmp_path / "f" / "run" / "x")
+    with pytest.raises(common.UserError, match=f"{tmp_path / 'f'} is a file"):  # os.makedirs does not skip f/..
+        common.check_out_dir(f"{tmp_path}/f/../run")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(common.UserError, match="is a broken link"):
+        common.check_out_dir(tmp_path / "gone" / "run")
+    with pytest.raises(common.UserError, match="empty"):
+        common.check_out_dir("")

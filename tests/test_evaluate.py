@@ -680,6 +680,21 @@ def test_bad_input_messages(ckpts, tmp_path, monkeypatch):
     assert not (tmp_path / "eval").exists() and not (tmp_path / "results.json").exists()
 
 
+def test_fewer_images_than_processes_is_refused_before_any_extraction(ckpts, tmp_path, monkeypatch):
+    """A val split smaller than the number of processes is refused up front, on every rank alike (the check needs
+    only the split's length), not after the train split's features took their minutes. Two ranks are faked by
+    the world size that setup reports; the refusal comes before anything talks to another rank."""
+    setup = common.setup
+    monkeypatch.setattr(common, "setup", lambda args: dataclasses.replace(setup(args), world=2))
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", {**data.SYNTHETIC_SIZES, "train": 64, "val": 1})
+    monkeypatch.setattr(E, "extract_features", lambda *a, **k: pytest.fail("features were extracted"))
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", "--out_dir", str(tmp_path / "eval"),
+                                      "--init_from", str(ckpts / "mae" / "ckpt.pt"), "--knn_k", "1"])
+    with pytest.raises(common.UserError, match="val has 1 images, fewer than the 2 processes"):
+        E.main()
+    assert not (tmp_path / "eval").exists()
+
+
 def test_kmeans_keeps_the_centre_of_a_cluster_that_empties():
     """3 distinct points (5 copies each) and k = 4: one cluster must empty. Its centre stays where it was (a data
     point), not at the origin, where it would steal points from the others."""

@@ -194,3 +194,19 @@ def test_mask_ratio_and_norm_pix_flags_reach_the_model(tmp_path, monkeypatch, jo
         flags, expected = ["--mask_ratio", "0.5", "--no_norm_pix_loss"], ((32, 64), [32.0], False)
     _ok(run_here("pretrain_mae.py", *SYNTH, *flags, "--max_steps", "2", "--out_dir", tmp_path))
     assert seen == [expected] * 2
+
+
+def test_eval_split_smaller_than_the_ranks_is_refused_at_start(tmp_path, monkeypatch):
+    """With --eval_every, the k-NN deals the val split out to the ranks; fewer val images than ranks is refused
+    before training, not at the first evaluation. Two ranks are faked by the world size setup reports (the
+    refusal comes before anything talks to another rank)."""
+    import dataclasses
+    import common
+    import data
+    setup = common.setup
+    monkeypatch.setattr(common, "setup", lambda args: dataclasses.replace(setup(args), world=2))
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", {**data.SYNTHETIC_SIZES, "val": 1})
+    out = tmp_path / "run"
+    code, _, err = run_in_process("pretrain_mae.py", *SYNTH, "--eval_every", "1", "--max_steps", "2", "--out_dir", out)
+    assert code == 2 and "error: val has 1 images, fewer than the 2 processes" in err, err
+    assert not out.exists()
