@@ -10,7 +10,7 @@ Two things live here:
        "mae"     RandomResizedCrop(scale 0.2-1, bicubic) + flip              stage 1 (MAE pre-training)
        "minimal" RandomResizedCrop(scale 0.08-1, bicubic) + flip             stages 2/3 (MAE-CT)
        "aug"     "minimal" + the BYOL colour pipeline                        stages 2/3 (MAE-CT_aug)
-       "eval"    no augmentation (file-backed: Resize(S/0.875) + CenterCrop) feature extraction
+       "eval"    resize + centre crop to S (from S/0.875 when S > 64)         feature extraction
      ViewLoader(crop_scale=(a, b)) overrides the crop scale (stages 2/3: --crop_min a, b = 1).
 
 In-memory data is moved to the device once and augmented there in batches with torch ops (the
@@ -50,6 +50,9 @@ DEFAULT_ROOT = Path.home() / ".cache" / "mae-ct"  # where CIFAR / Fashion-MNIST 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CROP_SCALE = {"mae": (0.2, 1.0), "minimal": (0.08, 1.0), "aug": (0.08, 1.0)}  # RandomResizedCrop scale
 CROP_RATIO = (3 / 4, 4 / 3)
+# Images at most this many pixels a side (CIFAR, Fashion-MNIST, downsampled ImageNet) are evaluated whole, and an
+# image folder of them with at most IN_MEMORY_MAX images is held in memory; larger images get the 0.875 centre crop.
+SMALL_IMAGE, IN_MEMORY_MAX = 64, 200_000
 SYNTHETIC_SIZES = {"train": 5000, "val": 1000}
 SYNTHETIC_CLASSES = ["disc", "square", "triangle", "ring", "plus", "hbar", "vbar", "diamond", "x", "two_dots"]
 
@@ -208,7 +211,7 @@ def _load_imagefolder(data_path, split, img_size, in_memory, mean, std):
     folder.imgs, folder.targets = folder.samples, [t for _, t in folder.samples]
     folder.classes, folder.class_to_idx = train_classes, class_to_idx
     if in_memory is None:  # small images of a small set fit in (GPU) memory: 200k x 64 x 64 x 3 = 2.5 GB
-        in_memory = img_size <= 64 and len(folder.samples) <= 200_000
+        in_memory = img_size <= SMALL_IMAGE and len(folder.samples) <= IN_MEMORY_MAX
     if not in_memory:
         return ImageSet(None, torch.tensor(folder.targets), train_classes, 3, mean, std, folder=folder)
 
@@ -512,7 +515,7 @@ class _FolderViews(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {path}: {e}") from None
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator; leave it as it was
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it would reseed the GPUs too
             return torch.stack([self.transform(image) for _ in range(self.n_views)]), label, i
 
 
@@ -550,8 +553,9 @@ class ViewLoader:
             return
         from torchvision import transforms as T
         bicubic = T.InterpolationMode.BICUBIC
-        if views == "eval":  # the usual 0.875 centre crop (224 of 256)
-            tf = [T.Resize(int(img_size / 0.875), interpolation=bicubic), T.CenterCrop(img_size)]
+        if views == "eval":  # small images whole, as held in memory (_read_square); else the usual 224 of 256
+            tf = [T.Resize(img_size if img_size <= SMALL_IMAGE else int(img_size / 0.875), interpolation=bicubic),
+                  T.CenterCrop(img_size)]
         else:
             tf = [T.RandomResizedCrop(img_size, scale=self.crop_scale, ratio=CROP_RATIO, interpolation=bicubic),
                   T.RandomHorizontalFlip()]

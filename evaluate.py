@@ -121,6 +121,7 @@ def extract_features(fn, imageset, img_size, proc, batch_size=256, num_workers=4
             proc.print(f"{desc}: {done}/{n} images | {rate:,.0f} img/s | ETA {(n - done) / rate / 60:.1f} min")
             shown = time.time()
     idx, f = torch.cat(idxs), torch.cat(feats)  # (n_r,), (n_r, D)
+    del feats  # ImageNet's features are gigabytes: no copy kept longer than needed
     if proc.world > 1:  # all_gather needs equal shapes: rank 0 holds the most, ceil(N / W)
         pad = math.ceil(n / proc.world) - len(idx)
         idx, f = torch.cat([idx, idx.new_full((pad,), -1)]), torch.cat([f, f.new_zeros(pad, f.shape[1])])
@@ -128,9 +129,9 @@ def extract_features(fn, imageset, img_size, proc, batch_size=256, num_workers=4
     keep = idx >= 0
     if int(keep.sum()) != n:
         raise RuntimeError(f"feature extraction saw {int(keep.sum())} of {n} images")
-    out = f.new_empty(n, f.shape[1])
-    out[idx[keep]] = f[keep]
-    return out, imageset.labels.to(proc.device)
+    out = f.new_empty(n + 1, f.shape[1])  # the padding rows (index -1) go to a spare last row: no f[keep] copy
+    out[torch.where(keep, idx, n)] = f
+    return out[:n], imageset.labels.to(proc.device)
 
 
 def standardise(train_f, *others):

@@ -91,14 +91,14 @@ def test_augment_flips_about_half():
     assert 0.4 < flipped.float().mean().item() < 0.6
 
 
-def _image_folder(root, images):
+def _image_folder(root, images, size=None):
     """Write uint8 (N, 3, H, W) images as PNGs of one class under root/train (root/val empty) and load the train
-    split file-backed, as ImageNet-size folders are."""
+    split file-backed, as ImageNet-size folders are, at `size` (default: the images' width)."""
     (root / "train" / "a").mkdir(parents=True)
     (root / "val" / "a").mkdir(parents=True)
     for i, im in enumerate(images):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(root / "train" / "a" / f"{i:03d}.png")
-    return data.load_split("imagefolder", str(root), "train", images.shape[-1], in_memory=False)
+    return data.load_split("imagefolder", str(root), "train", size or images.shape[-1], in_memory=False)
 
 
 def test_file_backed_views_flip_about_half(tmp_path):
@@ -146,6 +146,37 @@ def test_file_backed_crops_depend_on_seed_epoch_and_image_only(tmp_path):
     # seed 5 (a seed that kept only the low 32 bits of (seed * K + epoch) * 2**31 repeated every other epoch).
     for other in (epoch(0, epoch=1), epoch(0, epoch=2), epoch(0, seed=5), epoch(0, seed=4)):
         assert not torch.isclose(by_image(*other[:2]), by_image(idx, views)).all(dim=(2, 3, 4)).any()
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_eval_views_are_the_same_from_memory_and_from_files(tmp_path, size):
+    """The eval view of an image does not depend on how its folder was loaded (by size, or by --data_on_gpu): at
+    most 64 px the whole image (resized and centre-cropped to a square), as CIFAR and downsampled ImageNet are
+    evaluated; above, the usual 0.875 centre crop, which the in-memory path then lacks (it is for small images)."""
+    images = torch.randint(0, 256, (6, 3, 40, 52), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    split = _image_folder(tmp_path, images, size)  # non-square files, resized on load
+    views = {}
+    for in_memory in (True, False):
+        s = data.load_split("imagefolder", str(tmp_path), "train", size, in_memory=in_memory)
+        loader = data.ViewLoader(s, 6, "eval", 1, size, "cpu", shuffle=False, drop_last=False, num_workers=0)
+        (idx, (views[in_memory],), _), = list(loader)
+        assert torch.equal(idx, torch.arange(6))
+    assert split.images is None
+    if size <= data.SMALL_IMAGE:
+        assert torch.equal(views[True], views[False])
+    else:
+        assert (views[True] - views[False]).abs().mean() > 0.05  # the file path's 0.875 crop is another view
+
+
+def test_file_backed_loading_leaves_the_gpu_generators_alone(tmp_path, monkeypatch):
+    """Seeding an image's crops must not reseed the GPUs: with --num_workers 0 the crops are drawn in the training
+    process, whose CUDA generator seed_step has set for the step (colour jitter, mask noise, the top-k draw).
+    torch.manual_seed would call torch.cuda.manual_seed_all; recorded here, so the check runs without a GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    files = _image_folder(tmp_path, torch.zeros(8, 3, 16, 16, dtype=torch.uint8))
+    loader = data.ViewLoader(files, 4, "minimal", 2, 8, "cpu", num_workers=0)
+    assert len(list(loader)) == 2 and calls == []
 
 
 def test_two_views_of_an_image_are_different_crops_on_both_paths(tmp_path):
@@ -305,20 +336,21 @@ def test_crop_ratio_and_scales_are_the_references(monkeypatch, tmp_path):
 
 def test_file_backed_eval_view_is_the_standard_centre_crop(tmp_path):
     """ImageNet-size folders are evaluated as every MAE/DINO evaluation does: Resize(S / 0.875, bicubic),
-    CenterCrop(S), ImageNet mean and std. Checked against that torchvision pipeline on odd-sized random images."""
+    CenterCrop(S), ImageNet mean and std. Checked against that torchvision pipeline on odd-sized random images, at
+    S = 80 (images of at most 64 px are evaluated whole: test_eval_views_are_the_same_from_memory_and_from_files)."""
     from torchvision import transforms as T
     torch.manual_seed(0)
-    ref = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+    ref = T.Compose([T.Resize(91, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(80), T.ToTensor(),
                      T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     expect = []
-    for i, size in enumerate([(64, 48), (40, 90), (33, 33)]):
+    for i, size in enumerate([(128, 96), (90, 160), (81, 81)]):
         arr = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy()
         (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(tmp_path / "train" / "a" / f"{i}.png")
         expect.append(ref(Image.fromarray(arr)))
     (tmp_path / "val" / "a").mkdir(parents=True)
-    files = data.load_split("imagefolder", str(tmp_path), "train", 32, in_memory=False)
-    ev = data.ViewLoader(files, 3, "eval", 1, 32, "cpu", shuffle=False, drop_last=False, num_workers=0)
+    files = data.load_split("imagefolder", str(tmp_path), "train", 80, in_memory=False)
+    ev = data.ViewLoader(files, 3, "eval", 1, 80, "cpu", shuffle=False, drop_last=False, num_workers=0)
     _, (v,), _ = next(iter(ev))
     torch.testing.assert_close(v, torch.stack(expect), atol=1e-5, rtol=0)
 
