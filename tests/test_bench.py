@@ -1,6 +1,7 @@
 """bench.py runs in its CI-sized CPU form and prints a row per stage with finite, positive throughput."""
 import json
 
+from model import PRESETS
 from tests.conftest import run_script
 
 
@@ -24,4 +25,10 @@ def test_bench_cpu_smoke(tmp_path):
     mae, head, ct, feats = (row["gflop_img"] for row in rows)
     assert all(row["mfu"] > 0 for row in rows)
     assert ct > head > 2 * feats > 0 and mae > 0
+    # Feature extraction is one encoder forward: its matmuls by hand, attention's included (FlopCounterMode has no
+    # formula for the CPU's attention kernel; bench.py counts there with the math backend): vit_nano, 32 px, patch 4.
+    cfg = PRESETS["vit_nano"]
+    D, T, L = cfg["embed_dim"], 65, 64  # width, tokens (CLS + 8 x 8 patches), patches
+    block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * 4 * D  # qkv, QK^T and AV, proj, MLP
+    assert abs(feats - (cfg["depth"] * block + 2 * L * 3 * 4 * 4 * D) / 1e9) < 1.5e-3, feats  # + patch embedding
     assert "| mae (ours) |" in r.stdout
