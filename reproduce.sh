@@ -2,7 +2,7 @@
 # MAE-CT end to end: stage 1 (MAE) -> evaluate -> stage 2 (NNCLR head) -> stage 3 (contrastive tuning) -> evaluate,
 # then MAE vs MAE-CT side by side (also written to RUN/table.md).
 #
-#   bash reproduce.sh smoke                       # generated tiled shapes, vit_nano, CPU: MAE vs MAE-CT in minutes
+#   bash reproduce.sh smoke --device cpu          # generated tiled shapes, vit_nano, CPU: MAE vs MAE-CT in minutes
 #   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset: ~26 min on 2
 #                                                  # idle cores, 24 with ARMS=parallel (session 14); 48 with
 #                                                  # ARMS=parallel on a 2x slower 2-core machine (session 15)
@@ -18,7 +18,8 @@
 # that head; cifar10_5k's at 10x the paper's encoder lr, below); the table has one row each. smoke runs MAE-CT only
 # unless AUG=1: its MAE-CT_aug arm would take the chain on 2 slow cores past 10 minutes (RESULTS.md, session 17).
 # Extra flags go to every training stage (e.g. --device cpu, --data_path); evaluate.py gets those it takes too
-# (--device --data_path --img_size --num_workers --precision; EVAL for its own).
+# (--device --data_path --img_size --num_workers --precision; EVAL for its own). Any other flag is checked against
+# each stage's parser before stage 1 starts: one that a stage does not take stops the chain there, not hours later.
 # Environment: SEED (default 0), RUN (run folder, default runs/RECIPE_sSEED), E1/E2/E3 (epochs of stages 1/2/3; E3_AUG,
 # MAE-CT_aug's stage 3, default E3, except the ImageNet recipes': the paper's 80, whatever E3 says), STEPS (cap every
 # stage at this many steps, for tests), EVAL (extra flags for evaluate.py), AUG=0|1 (skip MAE-CT_aug or run it; default
@@ -106,8 +107,25 @@ if [ -n "${HEADS:-}" ] && [ -z "${MAE:-}" ]; then
   exit 2
 fi
 heads=${HEADS:+--num_heads $HEADS}
-# --device cpu (dev, from eval_flags): no GPU is used, and none is counted (a torch import)
-if [ "$dev" = cpu ]; then ngpu=0; else ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0); fi
+if [ "${#pass[@]}" -lt $# ]; then  # flags beyond those every stage takes: ask each stage's parser now
+  MAE_GIVEN=${MAE:+1} python - "$@" <<'EOF' || exit 2
+import contextlib, io, os, sys
+for name in ([] if os.environ["MAE_GIVEN"] else ["pretrain_mae"]) + ["init_head", "contrastive_tune"]:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            __import__(name).parse_args(sys.argv[1:] + ([] if name == "pretrain_mae" else ["--init_from", "-"]))
+    except SystemExit:
+        said = (err.getvalue().strip().splitlines() or ["?"])[-1].removeprefix("error: ")
+        sys.exit(f"error: {name}.py: {said}; reproduce.sh gives its extra flags to every training stage")
+EOF
+fi
+# --device cpu (dev, from eval_flags): no GPU is used, and none is counted (a torch import); --device cuda:N: that one
+case $dev in
+  cpu) ngpu=0 ;;
+  cuda:*) ngpu=1 ;;
+  *) ngpu=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0) ;;
+esac
 case $name in smoke|cifar10_5k) ;; *) if [ "$ngpu" = 0 ]; then
   echo "note: no GPU in use: the $name recipe is sized for GPUs and takes hours to days on a CPU;" \
        "smoke and cifar10_5k are the CPU recipes" >&2; fi ;;
@@ -172,7 +190,9 @@ stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume
   echo "== $script -> $dir"
   mkdir -p "$dir" && echo "$settings" > "$dir/SETTINGS" && record_from "$dir" "$input"
   local t0=$SECONDS
-  "${launch[@]}" "$script" $data --seed "$SEED" --out_dir "$dir" $resume "$@"
+  "${launch[@]}" "$script" $data --seed "$SEED" --out_dir "$dir" $resume "$@" || {
+    local rc=$?; echo "error: $script stopped (exit $rc) in $dir; the same command continues from its last checkpoint" >&2
+    exit $rc; }
   finish_stage "$dir" $((SECONDS - t0))
 }
 evaluate() {  # evaluate NAME CHECKPOINT: skipped if done, unless the checkpoint's stage was trained again since
@@ -228,16 +248,17 @@ else  # ARMS=parallel: both arms need only stage 1, so MAE-CT_aug's runs beside 
 fi
 echo "== this call took $SECONDS s ($name, ARMS=$ARMS)"
 
-python - "$RUN" <<'EOF'
+python - "$RUN" "$AUG" <<'EOF'
 import json, os, sys
-run = sys.argv[1]
-rows = [(name, d) for name, d in [("MAE", "eval_mae"), ("MAE-CT", "eval_ct"), ("MAE-CT_aug", "eval_ct_aug")]
-        if os.path.exists(f"{run}/{d}/results.json")]
+run, aug = sys.argv[1], sys.argv[2] == "1"
+# The arms this call ran (an MAE-CT_aug evaluation left from an earlier call with AUG=1 may be of another stage 1)
+arms = [("MAE", "eval_mae"), ("MAE-CT", "eval_ct")] + ([("MAE-CT_aug", "eval_ct_aug")] if aug else [])
+rows = [(name, d) for name, d in arms if os.path.exists(f"{run}/{d}/results.json")]
 res = {d: json.load(open(f"{run}/{d}/results.json")) for _, d in rows}
 keys = [("knn10", "k-NN@10"), ("knn20", "k-NN@20"), ("linear", "linear"), ("kmeans_acc_mean", "k-means ACC"),
         ("nmi", "NMI"), ("ari", "ARI")]
 fmt = lambda v: "-" if v is None else f"{v:.1f}"
-secs = {s: open(f"{run}/{s}/DONE").read().strip() for s in ("mae", "head", "ct", "head_aug", "ct_aug")
+secs = {s: open(f"{run}/{s}/DONE").read().strip() for s in ("mae", "head", "ct") + (("head_aug", "ct_aug") if aug else ())
         if os.path.exists(f"{run}/{s}/DONE")}
 # The MAE is evaluated with both poolings; its headline row is the one stages 2/3 tuned (POOLING). The other is shown
 # too: it can be the better-clustering feature of the MAE (the CLS token on Fashion-MNIST, RESULTS.md), so MAE-CT

@@ -300,8 +300,8 @@ def fake_ablations(tmp_path, recipe="smoke"):
     tmp_path/calls.log and leaves results just rich enough for the tables: returns (ablate(**env), run, calls)."""
     work, run = tmp_path / "repo", tmp_path / "run"
     work.mkdir()
-    for f in ("ablations.sh", "reproduce.sh", "lib.sh"):
-        shutil.copy(REPO / f, work / f)
+    for f in ("ablations.sh", "reproduce.sh", "lib.sh", *(p.name for p in REPO.glob("*.py"))):  # (reproduce.sh's
+        shutil.copy(REPO / f, work / f)                                                             # flag check)
     fake_python(tmp_path / "bin")
     calls = tmp_path / "calls.log"
     env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), "CALLS": str(calls),

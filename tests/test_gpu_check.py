@@ -12,8 +12,8 @@ from tests.conftest import REPO, fake_python, recorded_calls
 def run_gpu_check(tmp_path, **env):
     work = tmp_path / "repo"
     work.mkdir(parents=True, exist_ok=True)  # a second call reuses the copy, and its runs/ (a warm machine)
-    for f in ("gpu_check.sh", "reproduce.sh", "lib.sh"):
-        shutil.copy(REPO / f, work / f)
+    for f in ("gpu_check.sh", "reproduce.sh", "lib.sh", *(p.name for p in REPO.glob("*.py"))):  # (reproduce.sh's
+        shutil.copy(REPO / f, work / f)                                                            # flag check)
     bin_ = tmp_path / "bin"
     fake_python(bin_)
     calls = tmp_path / "calls.log"

@@ -82,7 +82,7 @@ def fake_reproduce(tmp_path, recipe, ngpu, flags=("--data_path", "d"), **env):
     command in tmp_path/calls.log (a second call reuses the copy and its run folder, tmp_path/run)."""
     work, bin_ = tmp_path / "repo", tmp_path / "bin"
     work.mkdir(parents=True, exist_ok=True)
-    for f in ("reproduce.sh", "lib.sh"):
+    for f in ("reproduce.sh", "lib.sh", *(p.name for p in REPO.glob("*.py"))):  # its flag check imports the stages
         shutil.copy(REPO / f, work / f)
     fake_python(bin_)
     calls = tmp_path / "calls.log"
@@ -177,6 +177,11 @@ def test_device_cpu_runs_every_stage_as_one_cpu_process_beside_gpus(tmp_path, de
     # the last --device decides, as in argparse
     r, calls_file = fake_reproduce(tmp_path / "last", "fashion_mnist", 2, ("--device", "cpu", "--device", "cuda"))
     assert r.returncode == 0 and all(t for _, t in recorded_calls(calls_file)), r.stderr[-2000:]
+    # one GPU named among several: one process on it, not torchrun over all of them (setup would override the choice)
+    r, calls_file = fake_reproduce(tmp_path / "one", "fashion_mnist", 2, ("--device", "cuda:1"), AUG="0")
+    stages = recorded_calls(calls_file)
+    assert r.returncode == 0 and stages and not any(t for _, t in stages), r.stderr[-2000:]
+    assert all(value(a, "--device") == "cuda:1" for a, _ in stages)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -239,6 +244,8 @@ def test_an_interrupted_stage_resumes_and_the_table_puts_each_number_in_its_colu
     res = lambda first, pooling: dict({k: first + i for i, k in enumerate(keys)}, kmeans_acc_best=99.0, pooling=pooling)
     (run / "eval_mae" / "results.json").write_text(json.dumps({"cls": res(10, "cls"), "mean": res(20, "mean")}))
     (run / "eval_ct" / "results.json").write_text(json.dumps(res(30, "mean")))
+    (run / "eval_ct_aug").mkdir()  # left by an earlier call with AUG=1, maybe from another stage 1: not in this table
+    (run / "eval_ct_aug" / "results.json").write_text(json.dumps(res(40, "mean")))
     r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0")  # everything skipped: the table again
     assert r.returncode == 0 and recorded_calls(calls) == [], r.stderr[-2000:]
     assert [line for line in (run / "table.md").read_text().splitlines() if line.startswith("| MAE")] == [
@@ -253,6 +260,7 @@ def test_a_stage_that_failed_before_saving_starts_again_with_the_corrected_setti
     settings to keep: the corrected command runs. Once the stage has a checkpoint, other settings are refused."""
     r, _ = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "typo"), AUG="0", FAIL_OUT="mae")
     assert r.returncode != 0 and not (tmp_path / "run" / "mae" / "ckpt.pt").exists()
+    assert f"error: pretrain_mae.py stopped (exit 1) in {tmp_path}/run/mae; the same command continues" in r.stderr
     r, calls = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d"), AUG="0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert value(recorded_calls(calls)[0][0], "--data_path") == "d"
@@ -267,6 +275,27 @@ def test_a_stage_that_failed_before_saving_starts_again_with_the_corrected_setti
     r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [a[0] for a, _ in recorded_calls(calls)][:3] == ["pretrain_mae.py", "evaluate.py", "init_head.py"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_an_extra_flag_a_stage_does_not_take_stops_the_chain_before_stage_1(tmp_path):
+    """Extra flags go to every training stage, so one that only stage 1 takes would fail in stage 2, after all of
+    stage 1 (hours on a GPU recipe): each stage's real parser is asked first. A flag they all take goes to each."""
+    r, calls = fake_reproduce(tmp_path / "bad", "smoke", 0, flags=("--device", "cpu", "--mask_ratio", "0.6"), AUG="0")
+    assert r.returncode == 2 and recorded_calls(calls) == [], r.stderr[-2000:]
+    assert [line for line in r.stderr.splitlines() if "error" in line] == [
+        "error: init_head.py: unrecognized arguments: --mask_ratio 0.6 (see --help); reproduce.sh gives its extra "
+        "flags to every training stage"]
+    r, calls = fake_reproduce(tmp_path / "s1", "smoke", 0, flags=("--device", "cpu", "--crop_min", "0.3"), AUG="0")
+    assert r.returncode == 2 and "pretrain_mae.py: unrecognized arguments: --crop_min 0.3" in r.stderr
+    (tmp_path / "given" / "repo").mkdir(parents=True)
+    (tmp_path / "given" / "repo" / "official.pth").write_bytes(b"")  # stage 1 from a file: stages 2-3 both take it
+    r, calls = fake_reproduce(tmp_path / "given", "smoke", 0, flags=("--device", "cpu", "--crop_min", "0.3"), AUG="0",
+                              MAE="official.pth")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stages = [a for a, _ in recorded_calls(calls) if a[0] != "evaluate.py"]
+    assert [a[0] for a in stages] == ["init_head.py", "contrastive_tune.py"]
+    assert all(value(a, "--crop_min") == "0.3" for a in stages)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
