@@ -64,8 +64,8 @@ class ArgumentParser(argparse.ArgumentParser):
     shown (unless its help already says it), and a bad flag is one line `error: ...` with exit code 2, as every
     other input error (argparse's usage lines would bury it)."""
 
-    def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=_HelpFormatter)
+    def __init__(self, doc):  # no abbreviations: `--max_step 5` is refused, not silently taken for --max_steps
+        super().__init__(description=doc, formatter_class=_HelpFormatter, allow_abbrev=False)
 
     def error(self, message):
         _say_error(f"{message} (see --help)")

@@ -35,6 +35,15 @@
 # FM_FLAGS go to every stage (to the evaluations those that evaluate.py takes).
 set -uo pipefail
 cd "$(dirname "$0")"
+case ${1:-} in
+  -h|--help) sed -n '2,/^set -uo/p' gpu_check.sh | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) echo "usage: [PARTS=... SEED=... OUT=...] bash gpu_check.sh   (--help: its parts and settings)" >&2; exit 2 ;;
+esac
+if [ "$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)" = 0 ]; then
+  echo "error: gpu_check.sh is for a machine with a GPU (torch sees none); on CPU: bash reproduce.sh smoke --device cpu" >&2
+  exit 2
+fi
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -2,7 +2,7 @@
 # MAE-CT end to end: stage 1 (MAE) -> evaluate -> stage 2 (NNCLR head) -> stage 3 (contrastive tuning) -> evaluate,
 # then MAE vs MAE-CT side by side (also written to RUN/table.md).
 #
-#   bash reproduce.sh smoke --device cpu          # generated tiled shapes, vit_nano, CPU: MAE vs MAE-CT in minutes
+#   bash reproduce.sh smoke --device cpu          # generated tiled shapes, vit_nano, CPU: MAE vs MAE-CT in 4-8 min
 #   bash reproduce.sh cifar10_5k --device cpu      # ../shared/data/cifar10-5k (imagefolder), CPU preset: ~26 min on 2
 #                                                  # idle cores, 24 with ARMS=parallel (session 14); 48 with
 #                                                  # ARMS=parallel on a 2x slower 2-core machine (session 15)
@@ -147,12 +147,14 @@ fi
 if [ "$ngpu" -gt 1 ]; then launch=(torchrun --standalone --nproc_per_node="$ngpu"); else launch=(python); fi
 # Where the run's stage 1 comes from (RUN/MAE): trained here, or a given file. A rerun that says otherwise stops here,
 # before it would train a stage 1 that the later stages do not use or tune a head on another encoder than the table's.
+if [ -e "$RUN" ] && [ ! -d "$RUN" ]; then echo "error: RUN=$RUN is a file, not a folder" >&2; exit 2; fi
 origin=${MAE:-trained here}
 before=$(cat "$RUN/MAE" 2>/dev/null || { [ -d "$RUN/mae" ] && echo "trained here"; } || true)
 if [ -n "$before" ] && [ "$before" != "$origin" ]; then
   echo "error: $RUN has its stage 1 from '$before', not '$origin'; use another RUN= or set MAE= as before" >&2; exit 2
 fi
-mkdir -p "$RUN" && echo "$origin" > "$RUN/MAE"
+mkdir -p "$RUN" 2>/dev/null || { echo "error: RUN=$RUN cannot be made (a file on its path, or no permission)" >&2; exit 2; }
+echo "$origin" > "$RUN/MAE"
 
 stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume when a checkpoint is there.
   # RUN/NAME/SETTINGS keeps the stage's command line: a rerun with other settings (another recipe, E1/E2/E3, STEPS,
@@ -191,7 +193,9 @@ stage() {  # stage NAME SCRIPT FLAGS...: run unless RUN/NAME/DONE exists; resume
   mkdir -p "$dir" && echo "$settings" > "$dir/SETTINGS" && record_from "$dir" "$input"
   local t0=$SECONDS
   "${launch[@]}" "$script" $data --seed "$SEED" --out_dir "$dir" $resume "$@" || {
-    local rc=$?; echo "error: $script stopped (exit $rc) in $dir; the same command continues from its last checkpoint" >&2
+    local rc=$? next="it saved nothing: correct the command and run it again"
+    [ -f "$dir/ckpt.pt" ] && next="the same command continues from its last checkpoint"
+    echo "error: $script stopped (exit $rc) in $dir; $next" >&2
     exit $rc; }
   finish_stage "$dir" $((SECONDS - t0))
 }
@@ -267,10 +271,10 @@ mae = res["eval_mae"]
 by_pooling = {p: mae[p] for p in ("cls", "mean") if isinstance(mae.get(p), dict)} or {mae.get("pooling"): mae}
 pooling = next((res[d].get("pooling") for d in ("eval_ct", "eval_ct_aug") if d in res), mae.get("pooling"))
 label = {"cls": "CLS token", "mean": "mean pooling"}
-table = [("MAE" if p == pooling else f"MAE ({label.get(p, p)})", r) for p, r in by_pooling.items()]
-table.sort(key=lambda row: row[0] != "MAE")  # the pooling stages 2/3 tuned first
+table = [(f"MAE ({label.get(p, p)})", r) for p, r in sorted(by_pooling.items(), key=lambda pr: pr[0] != pooling)]
 table += [(name, res[d]) for name, d in rows if name != "MAE"]
-lines = [f"{run}: pooling {pooling}; stage seconds " + ", ".join(f"{k} {v}" for k, v in secs.items()),
+lines = [f"{run}: stages 2-3 tuned the MAE's {label.get(pooling, pooling)} (its row first); stage seconds "
+         + ", ".join(f"{k} {v}" for k, v in secs.items()),
          "", "| | " + " | ".join(n for _, n in keys) + " |", "|---" * (len(keys) + 1) + "|"]
 lines += ["| " + name + " | " + " | ".join(fmt(r.get(k)) for k, _ in keys) + " |" for name, r in table]
 open(f"{run}/table.md", "w").write("\n".join(lines) + "\n")

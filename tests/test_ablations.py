@@ -243,8 +243,9 @@ def test_ablations_sh_and_reproduce_sh_smoke_end_to_end(tmp_path):
     mae = json.loads((run / "eval_mae" / "results.json").read_text())
     rows = (run / "table.md").read_text().splitlines()
     row = lambda name: next(line for line in rows if line.startswith(f"| {name} |")).split("|")[2].strip()
-    assert rows[0].startswith(f"{run}: pooling mean") and rows[4].startswith("| MAE |")  # ablations.sh's pooling
-    assert row("MAE") == f"{mae['mean']['knn10']:.1f}" and row("MAE (CLS token)") == f"{mae['cls']['knn10']:.1f}"
+    assert rows[0].startswith(f"{run}: stages 2-3 tuned the MAE's mean pooling")  # ablations.sh's pooling
+    assert rows[4].startswith("| MAE (mean pooling) |")
+    assert row("MAE (mean pooling)") == f"{mae['mean']['knn10']:.1f}" and row("MAE (CLS token)") == f"{mae['cls']['knn10']:.1f}"
     assert row("MAE-CT") == f"{json.loads((run / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
     assert row("MAE-CT_aug") == f"{json.loads((run / 'eval_ct_aug' / 'results.json').read_text())['knn10']:.1f}"
     ha, hb = (load_ckpt(run / s / "ckpt.pt")["args"] for s in ("head", "head_aug"))

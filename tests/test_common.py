@@ -92,6 +92,7 @@ def test_load_strict_names_what_is_missing_unexpected_or_misshapen():
     ("evaluate.py", ["--chunk", "0"], "--chunk: 0 is not a positive integer"),
     ("evaluate.py", ["--probe_epochs", "0"], "--probe_epochs: 0 is not a positive integer"),
     ("evaluate.py", ["--epochs", "3"], "unrecognized arguments: --epochs 3"),
+    ("pretrain_mae.py", ["--max_step", "5"], "unrecognized arguments: --max_step 5"),  # not taken for --max_steps
 ])
 def test_a_bad_flag_value_is_one_error_line_before_anything_runs(tmp_path, script, flags, text):
     """Values no run can use are refused by the parser (argparse's message, in the scripts' one-line form), not met

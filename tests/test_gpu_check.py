@@ -154,3 +154,19 @@ def test_vitb_passes_its_extra_flags_to_the_benchmark(tmp_path):
     calls, _, _ = run_gpu_check(tmp_path, PARTS="vitb", VITB_FLAGS="--compile_mode max-autotune-no-cudagraphs")
     assert [c[0] for c in calls] == ["bench.py"]
     assert flag(calls[0], "--model") == "vit_base" and flag(calls[0], "--compile_mode") == "max-autotune-no-cudagraphs"
+
+
+def test_help_and_a_machine_without_gpu(tmp_path):
+    """--help prints the header and starts nothing; on a machine where torch sees no GPU it stops at once (it once
+    started the Fashion-MNIST chain on a CPU, until its 580-s limit, for a newcomer who asked for --help)."""
+    work, bin_ = tmp_path / "repo", tmp_path / "bin"
+    work.mkdir()
+    shutil.copy(REPO / "gpu_check.sh", work / "gpu_check.sh")
+    fake_python(bin_)
+    env = {"PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.log"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", str(work / "gpu_check.sh"), "--help"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("The GPU check in one go") and "PARTS" in r.stdout
+    r = subprocess.run(["bash", str(work / "gpu_check.sh")], capture_output=True, text=True, timeout=30,
+                       env={**env, "NGPU": "0"})
+    assert r.returncode == 2 and r.stderr.startswith("error: gpu_check.sh is for a machine with a GPU"), r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "calls.log").exists()

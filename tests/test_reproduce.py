@@ -59,10 +59,10 @@ def test_reproduce_from_official_mae_weights(tmp_path):
     assert [load_ckpt(run / s / "ckpt.pt")["args"]["pooling"] for s in ("head", "ct")] == ["cls", "cls"]
     rows = (run / "table.md").read_text().splitlines()
     row = lambda name: next(line for line in rows if line.startswith(f"| {name} |")).split("|")[2].strip()
-    assert rows[0].startswith(f"{run}: pooling cls") and rows[4].startswith("| MAE |")
-    assert row("MAE") == f"{mae['cls']['knn10']:.1f}" and row("MAE (mean pooling)") == f"{mae['mean']['knn10']:.1f}"
+    assert rows[0].startswith(f"{run}: stages 2-3 tuned the MAE's CLS token") and rows[4].startswith("| MAE (CLS token) |")
+    assert row("MAE (CLS token)") == f"{mae['cls']['knn10']:.1f}" and row("MAE (mean pooling)") == f"{mae['mean']['knn10']:.1f}"
     assert row("MAE-CT") == f"{json.loads((run / 'eval_ct' / 'results.json').read_text())['knn10']:.1f}"
-    assert "| MAE |" in r.stdout and "| MAE-CT |" in r.stdout
+    assert "| MAE (CLS token) |" in r.stdout and "| MAE-CT |" in r.stdout
     assert load_ckpt(run / "ct" / "ckpt.pt")["config"]["num_heads"] == 4  # the preset's: the file records none
     # HEADS=: a file trained with another head count; every stage and evaluation after it has that count
     env2 = dict(env, RUN=str(tmp_path / "run2"), HEADS="2")
@@ -249,7 +249,7 @@ def test_an_interrupted_stage_resumes_and_the_table_puts_each_number_in_its_colu
     r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0")  # everything skipped: the table again
     assert r.returncode == 0 and recorded_calls(calls) == [], r.stderr[-2000:]
     assert [line for line in (run / "table.md").read_text().splitlines() if line.startswith("| MAE")] == [
-        "| MAE | 20.0 | 21.0 | 22.0 | 23.0 | 24.0 | 25.0 |",  # mean pooling: the one stage 3 tuned
+        "| MAE (mean pooling) | 20.0 | 21.0 | 22.0 | 23.0 | 24.0 | 25.0 |",  # the one stage 3 tuned, first
         "| MAE (CLS token) | 10.0 | 11.0 | 12.0 | 13.0 | 14.0 | 15.0 |",
         "| MAE-CT | 30.0 | 31.0 | 32.0 | 33.0 | 34.0 | 35.0 |"]
 
@@ -260,10 +260,15 @@ def test_a_stage_that_failed_before_saving_starts_again_with_the_corrected_setti
     settings to keep: the corrected command runs. Once the stage has a checkpoint, other settings are refused."""
     r, _ = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "typo"), AUG="0", FAIL_OUT="mae")
     assert r.returncode != 0 and not (tmp_path / "run" / "mae" / "ckpt.pt").exists()
-    assert f"error: pretrain_mae.py stopped (exit 1) in {tmp_path}/run/mae; the same command continues" in r.stderr
+    assert f"error: pretrain_mae.py stopped (exit 1) in {tmp_path}/run/mae; it saved nothing: correct the command" in r.stderr
     r, calls = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d"), AUG="0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert value(recorded_calls(calls)[0][0], "--data_path") == "d"
+    (tmp_path / "run" / "ct" / "DONE").unlink()  # stage 3 interrupted after a checkpoint, then failing on the rerun
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d"), AUG="0", FAIL_OUT="ct")
+    assert r.returncode != 0 and "run/ct; the same command continues from its last checkpoint" in r.stderr
+    r, _ = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d"), AUG="0")
+    assert r.returncode == 0, r.stderr[-2000:]
     r, calls = fake_reproduce(tmp_path, "smoke", 0, flags=("--data_path", "d2"), AUG="0")
     assert r.returncode == 2 and "was made with other settings" in r.stderr and recorded_calls(calls) == []
     # stage 2 failed before saving, then stage 1 was trained again: stage 2 has nothing made from the old one, so it runs
@@ -275,6 +280,17 @@ def test_a_stage_that_failed_before_saving_starts_again_with_the_corrected_setti
     r, calls = fake_reproduce(tmp_path, "smoke", 0, AUG="0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [a[0] for a, _ in recorded_calls(calls)][:3] == ["pretrain_mae.py", "evaluate.py", "init_head.py"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_run_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for run in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        r, calls = fake_reproduce(tmp_path, "smoke", 0, RUN=str(run))
+        assert r.returncode == 2 and recorded_calls(calls) == [], r.stderr[-2000:]
+        assert [line for line in r.stderr.splitlines() if line.strip()] == [
+            f"error: RUN={run} is a file, not a folder" if run.name == "afile" else
+            f"error: RUN={run} cannot be made (a file on its path, or no permission)"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
