@@ -148,6 +148,16 @@ def test_file_backed_crops_depend_on_seed_epoch_and_image_only(tmp_path):
         assert not torch.isclose(by_image(*other[:2]), by_image(idx, views)).all(dim=(2, 3, 4)).any()
 
 
+def test_file_backed_crops_differ_between_images_of_one_epoch(tmp_path):
+    """The crop seed depends on the image: eight copies of one picture get eight different crops in one epoch
+    (a seed of (seed, epoch) alone would crop them all alike), and 1000 images get 1000 different seeds."""
+    one = torch.randint(0, 256, (1, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    files = _image_folder(tmp_path, one.expand(8, -1, -1, -1).contiguous())
+    _, (v,), _ = next(iter(data.ViewLoader(files, 8, "minimal", 1, 8, "cpu", num_workers=0)))
+    assert len({tuple(crop.flatten().tolist()) for crop in v}) == 8
+    assert len(set(data._crop_seeds(0, 0, torch.arange(1000)).tolist())) == 1000
+
+
 @pytest.mark.parametrize("size", [32, 96])
 def test_eval_views_are_the_same_from_memory_and_from_files(tmp_path, size):
     """The eval view of an image does not depend on how its folder was loaded (by size, or by --data_on_gpu): at
@@ -274,6 +284,38 @@ def test_aug_views_shapes_and_difference(channels):
         assert v.shape == (16, channels, 24, 24) and v.dtype == torch.float32 and torch.isfinite(v).all()
         assert v.min() >= -2 - 1e-5 and v.max() <= 2 + 1e-5  # [0, 1] normalised with 0.5 / 0.25
     assert (views[0] - views[1]).abs().mean() > 0.05
+
+
+def test_the_views_of_an_image_flip_independently():
+    """Each view draws its own flip: the two views of an image are mirrored differently about half the time (one
+    shared flip for both views would make it never)."""
+    torch.manual_seed(0)
+    ramp = torch.arange(32, dtype=torch.uint8).mul(8).expand(1000, 3, 32, 32)  # brighter to the right
+    views = data.augment(ramp, "minimal", 2, 32, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    flipped = [v[..., :16].mean(dim=(1, 2, 3)) > v[..., 16:].mean(dim=(1, 2, 3)) for v in views]
+    assert 0.4 < (flipped[0] != flipped[1]).float().mean().item() < 0.6
+
+
+def test_colour_jitter_is_drawn_with_p_08_in_a_random_order_per_image(monkeypatch):
+    """ColorJitter's part of BYOL's pipeline: applied with p 0.8, its four ops in an order drawn per image (a
+    permutation; each op first in about a quarter of the images). The pixel tests see neither: a fixed order or
+    p 1.0 still jitters every op correctly."""
+    seen = {}
+    jitter_fn = data.color_jitter
+
+    def spy(x, factors, order, jitter):
+        seen.update(order=order, jitter=jitter)
+        return jitter_fn(x, factors, order, jitter)
+    monkeypatch.setattr(data, "color_jitter", spy)
+    torch.manual_seed(0)
+    n = 4000
+    data.color_augment(torch.rand(n, 3, 4, 4), 0)
+    assert 0.77 < seen["jitter"].float().mean().item() < 0.83
+    order = seen["order"]
+    assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(n, 4))
+    for slot in range(4):
+        share = torch.bincount(order[:, slot], minlength=4) / n
+        assert ((share - 0.25).abs() < 0.03).all(), (slot, share)
 
 
 def test_blur_probability_per_view():

@@ -111,6 +111,18 @@ def test_kmeans_recovers_blobs():
         assert torch.equal(E.nearest(x, centres), assign)
 
 
+def test_kmeans_ends_at_a_lloyd_fixed_point():
+    """On overlapping blobs, where the seeding alone is far from the answer: every centre is the mean of its points
+    and every point is assigned to its nearest centre (k-means that stopped after its seeding passes the blob test
+    above, whose blobs k-means++ seeds one each)."""
+    x, _ = blobs(100, 5, 8, seed=1, spread=4.0)
+    for seed in range(2):
+        centres, assign = E.kmeans(x, 5, seed=seed)
+        for j in range(5):
+            torch.testing.assert_close(centres[j], x[assign == j].mean(dim=0))
+        assert torch.equal(E.nearest(x, centres), assign)
+
+
 def test_nearest_is_the_euclidean_argmin():
     """k-means assigns by |q - c|^2 = |q|^2 - 2 q.c + |c|^2; the k-means test above compares nearest() with itself."""
     g = torch.Generator().manual_seed(0)
