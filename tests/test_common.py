@@ -146,6 +146,14 @@ def test_check_batch_boundary():
         common.check_batch(5, 4)
 
 
+def test_check_queue_boundary():
+    """A top-k as long as the queue is allowed (the lookup never draws the query's own entries, FAULTS 57); one
+    longer is refused."""
+    common.check_queue(argparse.Namespace(queue_size=64, batch_size=32, topk=64), 1000)
+    with pytest.raises(common.UserError, match="--topk 65 is larger than the queue"):
+        common.check_queue(argparse.Namespace(queue_size=64, batch_size=32, topk=65), 1000)
+
+
 def test_check_out_dir_refuses_a_file_and_a_path_under_one_and_makes_nothing(tmp_path):
     """A run folder that can be made is accepted without being made (nothing written before the run starts);
     one that is a file, or lies under a file, is refused up front. (The no-permission case cannot be set up here:

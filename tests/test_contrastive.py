@@ -336,10 +336,11 @@ def test_frozen_parts_are_exactly_the_papers_and_run_without_gradient(chain, tmp
     weight-comparison test above misses a block frozen on one side of the boundary only: a block whose parameters
     require no gradient but that runs with it on just wastes memory, one that requires it but runs without it, or
     that the optimiser leaves out, never moves either way.)"""
-    seen_model, opts, blocks, enc_out = [], [], [], []
+    seen_model, opts, blocks, enc_out, modes = [], [], [], [], []
     real_forward, real_adamw = MAECT.forward, common.adamw
 
     def forward(self, *args, **kw):
+        modes.append((self.head.training, self.target_projector is not None and self.target_projector.training))
         if not seen_model:  # hooks on the first call: record how each block and the encoder ran
             seen_model.append(self)
             for b, blk in enumerate(self.encoder.blocks):
@@ -371,6 +372,9 @@ def test_frozen_parts_are_exactly_the_papers_and_run_without_gradient(chain, tmp
     assert {n for n, p in params.items() if p.grad is not None} == expected  # after the step: frozen ones got none
     assert blocks == [(b, b >= frozen_blocks, b >= frozen_blocks) for b in range(4)]  # one encoder pass (both views)
     assert enc_out == [stage3]  # stage 2: the whole encoder, final norm included, builds no graph at all
+    # The head, and stage 3's EMA target projector too, run in training mode: their BatchNorms normalise with the
+    # batch's statistics (as the authors' target copy does), not with running statistics carried over from stage 2.
+    assert modes == [(True, stage3)]  # (stage 2 has no target projector: its lookup uses the online projector)
 
 
 @pytest.mark.parametrize("script", ["init_head.py", "pretrain_mae.py"])
@@ -676,6 +680,7 @@ def test_bad_input(chain, tmp_path):
                        "--out_dir", out, "--device", "cpu"), out, "--batch_size 8192 is larger than the training set")
     assert_refused(ct(chain, out, "--queue_size", "100"), out, "not a multiple")
     assert_refused(ct(chain, out, "--crop_min", "0"), out, "--crop_min: 0 is not in (0, 1]")
+    assert_refused(ct(chain, out, "--frozen_blocks", "4"), out, "--frozen_blocks must be in [0, 3]")  # all 4: only the head
     assert_refused(ct(chain, out, "--encoder_ema", "1"), out, "--encoder_ema: 1 is not in [0, 1)")
     assert_refused(ct(chain, out, "--target_ema", "-0.5"), out, "--target_ema: -0.5 is not in [0, 1)")
     assert_refused(ct(chain, out, "--pooling", "cls"), out, "--pooling cls differs from the stage-2 head")
