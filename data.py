@@ -88,7 +88,7 @@ def default_img_size(dataset: str, data_path: str | None = None) -> int:
         if first is not None:
             try:
                 with Image.open(first) as im:
-                    if max(im.size) <= 64 and im.size[0] == im.size[1]:
+                    if max(im.size) <= SMALL_IMAGE and im.size[0] == im.size[1]:
                         return im.size[0]
             except OSError:
                 pass  # unreadable: the loader reports it properly
