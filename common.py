@@ -485,14 +485,16 @@ def check_resume_args(args, ckpt, path):
                         + ": resume with its settings, or start a new run in another --out_dir")
 
 
-STAGES = {"mae": "a stage-1 MAE checkpoint (pretrain_mae.py)", "official": "official MAE weights",
+STAGES = {"mae": "a stage-1 MAE checkpoint (pretrain_mae.py)", "official": "official MAE or MAE-CT weights",
           "head": "a stage-2 checkpoint (init_head.py)", "ct": "a stage-3 MAE-CT checkpoint (contrastive_tune.py)"}
 
 
 def load_checkpoint(path, stages=None):
-    """Load a checkpoint safely (weights_only=True: no pickled code runs) and check its stage. An official MAE
-    `.pth` ({"model": state_dict}, no stage) is returned with stage "official"; the official training checkpoints
-    (checkpoint-799.pth) also pickle their argparse.Namespace, a plain attribute holder that is let through."""
+    """Load a checkpoint safely (weights_only=True: no pickled code runs) and check its stage. Weights from
+    elsewhere are returned as {"model": state_dict, "stage": "official"}: an official MAE `.pth` (that layout
+    already; the official training checkpoints, checkpoint-799.pth, also pickle their argparse.Namespace, a plain
+    attribute holder that is let through), the MAE-CT authors' released encoders and a bare state dict
+    (`weights_file`)."""
     finish_saves()
     if not path or not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
@@ -505,18 +507,40 @@ def load_checkpoint(path, stages=None):
         if unsafe:
             raise UserError(f"cannot read checkpoint {path}: it pickles {unsafe.group(1)}, which a safe load refuses "
                             f"(unsafe pickle); if you trust the file, save its weights alone and pass that file: "
-                            f"python -c \"import torch; torch.save({{'model': torch.load('{path}', "
-                            f"weights_only=False)['model']}}, 'weights.pth')\"")
+                            f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+                            f"torch.save({{'model': c['model'] if 'model' in c else c['state_dict']}}, 'weights.pth')\"")
         first = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise UserError(f"cannot read checkpoint {path} (corrupt, not a checkpoint, or unsafe pickle): "
                         f"{type(e).__name__} {first[:200]}".rstrip())
+    ckpt = weights_file(ckpt)
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
-        raise UserError(f"{path} is not a checkpoint of this project or an official MAE file (no 'model' state dict)")
+        raise UserError(f"{path} is not a checkpoint of this project, nor ViT weights in a layout we know ({{'model': "
+                        f"state dict}} as facebookresearch/mae, {{'state_dict': ...}} as ml-jku/MAE-CT, or a bare "
+                        f"state dict)")
     ckpt.setdefault("stage", "official")
     if stages and ckpt["stage"] not in stages:
         hint = " (run init_head.py on it first)" if stages == ["head"] and ckpt["stage"] in ("mae", "official") else ""
         raise UserError(f"{path} holds {STAGES.get(ckpt['stage'], repr(ckpt['stage']))}; this stage needs "
                         + " or ".join(STAGES[s] for s in stages) + hint)
+    return ckpt
+
+
+def weights_file(ckpt):
+    """The other layouts of ViT encoder weights, as {"model": state_dict} (anything else is returned as it is):
+    - the MAE-CT authors' released encoders (ml-jku/MAE-CT, `maect_base16.th`, `mae_reimpl_base16.th`, ...):
+      {"state_dict": encoder weights, "ctor_kwargs": their model config}, whose `attention_heads` is kept as
+      "num_heads" (the one setting the weights cannot tell); their pos_embed has no CLS row (model.py pads it);
+    - a bare state dict (`torch.save(vit.state_dict())`, as timm's): tensors only, with a CLS token."""
+    if not isinstance(ckpt, dict) or "model" in ckpt:
+        return ckpt
+    if isinstance(ckpt.get("state_dict"), dict):
+        out = {"model": ckpt["state_dict"]}
+        heads = (ckpt.get("ctor_kwargs") or {}).get("attention_heads")
+        if isinstance(heads, int) and not isinstance(heads, bool):
+            out["num_heads"] = heads
+        return out
+    if "cls_token" in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return {"model": ckpt}
     return ckpt
 
 
@@ -538,13 +562,14 @@ def add_num_heads_arg(group):
     group.add_argument("--num_heads", type=POSITIVE_INT, default=None,
                        help="attention heads of an official/timm file, which does not record them (default: the preset's "
                             "for its width and depth, as the official MAE models have: B 12, L and H 16); our "
-                            "checkpoints carry their own")
+                            "checkpoints and the MAE-CT authors' files carry their own")
 
 
 def encoder_from_checkpoint(ckpt, what, num_heads=None):
     """(model config, encoder state dict) from a checkpoint of any stage or an official MAE file. The head count
-    is the one thing the weights cannot tell (the qkv shapes are the same for any): ours record it; for an official
-    or timm file it is the preset's of that width and depth unless `num_heads` (--num_heads) says otherwise."""
+    is the one thing the weights cannot tell (the qkv shapes are the same for any): ours record it, and so do the
+    MAE-CT authors' files ("num_heads", from `weights_file`); for an official or timm file it is the preset's of
+    that width and depth unless `num_heads` (--num_heads) says otherwise."""
     from model import encoder_state_dict, infer_encoder_config
     sd = encoder_state_dict(ckpt["model"])
     if "config" in ckpt:
@@ -557,6 +582,10 @@ def encoder_from_checkpoint(ckpt, what, num_heads=None):
         cfg = infer_encoder_config(sd)
     except (KeyError, ValueError, IndexError) as e:
         raise UserError(f"{what}: cannot tell the model size from its weights ({e})")
+    recorded = ckpt.get("num_heads")
+    if recorded is not None and num_heads is not None and num_heads != recorded:
+        raise UserError(f"--num_heads {num_heads}, but {what} records {recorded} attention heads")
+    num_heads = num_heads if num_heads is not None else recorded
     if num_heads is not None:
         if cfg["embed_dim"] % num_heads:
             raise UserError(f"--num_heads {num_heads} does not divide the width {cfg['embed_dim']} of {what}")

@@ -2,8 +2,9 @@
 
 Features are extracted once (encoder in eval mode, no augmentation, autocast), gathered over all processes in
 dataset order, and every metric then runs on the stored features, so even the linear probe takes seconds to
-minutes. A stage-1 MAE or an official MAE file is evaluated with BOTH poolings (CLS token and mean of patch
-tokens); a stage-2/3 checkpoint with the pooling its head was trained on.
+minutes. A stage-1 MAE or a file of official weights (facebookresearch/mae's, the MAE-CT authors' released
+encoders, a bare state dict) is evaluated with BOTH poolings (CLS token and mean of patch tokens); a stage-2/3
+checkpoint with the pooling its head was trained on.
 
     # CPU smoke run on generated shapes (vit_nano: ~20 s; see the OMP note below)
     OMP_NUM_THREADS=1 python evaluate.py --init_from runs/mae_smoke/ckpt.pt --dataset synthetic --device cpu
@@ -67,7 +68,8 @@ KEYS = ("knn10", "knn20", "linear", "linear_lr", "kmeans_acc_mean", "kmeans_acc_
 def parse_args(argv=None):
     p = common.ArgumentParser(__doc__)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--init_from", required=True, help="checkpoint of any stage (ckpt.pt) or an official MAE .pth")
+    g.add_argument("--init_from", required=True, help="checkpoint of any stage (ckpt.pt), an official MAE .pth, or the MAE-CT authors' released encoder "
+                   "(maect_base16.th, README)")
     common.add_num_heads_arg(g)
     g.add_argument("--dataset", default=None, help=f"{' | '.join(data.DATASETS)} (default: the one the checkpoint was trained on)")
     g.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's, when --dataset is its dataset too)")

@@ -41,7 +41,8 @@ def add_head_args(p, stage3=False):
     queue length default to the stage-2 checkpoint's, and the temperature to the paper's for the model size and the
     variant (the head's views)."""
     g = p.add_argument_group("NNCLR")
-    g.add_argument("--init_from", required=True, help="checkpoint of the previous stage (or an official MAE .pth)")
+    g.add_argument("--init_from", required=True, help="checkpoint of the previous stage, an official MAE .pth, or the MAE-CT "
+                   "authors' MAE (mae_reimpl_base16.th, README)")
     if not stage3:
         common.add_num_heads_arg(g)
     inherit = " (default: the stage-2 head's)" if stage3 else ""

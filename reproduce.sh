@@ -26,10 +26,10 @@
 # 1, smoke 0), POOLING=cls|mean (the encoder feature stages 2 and 3 tune and the table leads with; default the recipe's:
 # the paper's for the model size, mean of patch tokens for ViT-B and smaller, except the CLS token of fashion_mnist and
 # smoke; it is part of stage 2's settings, so a run made with one is not continued with the other), MAE=FILE (start from
-# this stage-1 checkpoint, ours or an official MAE .pth, instead of training stage 1; a path relative to this folder,
-# like --data_path; it is evaluated as the MAE row; RUN/MAE records it, and a rerun that gives another or none stops),
-# HEADS=N (with MAE=: the attention heads of that file, which records none; default the preset's for its width and
-# depth, as the official models have),
+# this stage-1 checkpoint, ours, an official MAE .pth or the MAE-CT authors' mae_reimpl_*.th (README), instead of
+# training stage 1; a path relative to this folder, like --data_path; it is evaluated as the MAE row; RUN/MAE records
+# it, and a rerun that gives another or none stops), HEADS=N (with MAE=: the attention heads of a file that records
+# none; default the preset's for its width and depth, as the official models have),
 # GRAPHS=all|mae|none (where the ViT-T recipes use CUDA graphs on one GPU: stages 1 and 3 (default), stage 1 only (the
 # recipes before session 9 of RESULTS.md; with POOLING=mean for fashion_mnist), or nowhere), ARMS=parallel (one GPU,
 # meant for the small-image recipes: MAE-CT_aug's arm, which needs only stage 1, runs beside MAE-CT's on the same
@@ -90,7 +90,7 @@ case $name in
   *) echo "error: unknown recipe '$name' (smoke, cifar10_5k, fashion_mnist, cifar10, cifar100, imagenet100, imagenet)" >&2; exit 2 ;;
 esac
 if [ -n "${MAE:-}" ]; then
-  [ -f "$MAE" ] || { echo "error: MAE=$MAE: no such file (a stage-1 checkpoint or an official MAE .pth, relative to $(pwd))" >&2; exit 2; }
+  [ -f "$MAE" ] || { echo "error: MAE=$MAE: no such file (a stage-1 checkpoint or official MAE weights, relative to $(pwd))" >&2; exit 2; }
   case $MAE in /*) ;; *) MAE=$(pwd)/$MAE ;; esac  # one spelling, so that a rerun compares equal
 fi
 POOLING=${POOLING:-$pool}

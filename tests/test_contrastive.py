@@ -653,6 +653,16 @@ def test_official_mae_file_is_accepted_by_init_head(tmp_path):
             "--num_heads", "2", *SMALL_HEAD)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(tmp_path / "h2" / "ckpt.pt", weights_only=True)["config"] == dict(cfg, num_heads=2)
+    # the MAE-CT authors' layout (mae_reimpl_base16.th): their config names the head count, no flag needed
+    authors = dict(encoder_only(sd), pos_embed=sd["pos_embed"][:, 1:])  # their pos_embed has no CLS row
+    torch.save({"state_dict": authors, "ctor_kwargs": {"kind": "vit.masked_encoder", "attention_heads": 2}},
+               tmp_path / "mae_reimpl_nano4.th")
+    r = run("init_head.py", "--init_from", tmp_path / "mae_reimpl_nano4.th", "--dataset", "synthetic",
+            "--batch_size", "64", "--max_steps", "1", "--out_dir", tmp_path / "h3", "--device", "cpu", *SMALL_HEAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    h3 = torch.load(tmp_path / "h3" / "ckpt.pt", weights_only=True)
+    assert h3["config"] == dict(cfg, num_heads=2)
+    assert torch.equal(h3["model"]["encoder.pos_embed"], sd["pos_embed"])  # the CLS row put back in front
 
 
 def assert_refused(r, out, text):

@@ -597,6 +597,27 @@ def test_e2e_official(ckpts, tmp_path, mae_synthetic):
     assert res["cls"]["knn10"] == pytest.approx(mae_synthetic[0]["cls"]["knn10"])
 
 
+def test_e2e_the_authors_released_encoder_layout(ckpts, tmp_path, mae_synthetic):
+    """An encoder in the layout of the MAE-CT authors' releases (ml-jku/MAE-CT `*.th`: {"state_dict", "ctor_kwargs"},
+    no CLS row in pos_embed) evaluates as the same weights in our own stage-1 checkpoint do."""
+    sd = model.encoder_state_dict(torch.load(ckpts / "mae" / "ckpt.pt", weights_only=True)["model"])
+    sd["pos_embed"] = sd["pos_embed"][:, 1:]
+    torch.save({"state_dict": sd, "ctor_kwargs": {"kind": "vit.masked_encoder", "attention_heads": 4}},
+               tmp_path / "maect_nano8.th")
+    r = run_eval("--init_from", tmp_path / "maect_nano8.th", "--dataset", "synthetic", "--metrics", "knn",
+                 "--batch_size", 500, "--out_dir", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["stage"] == "official"
+    for p in ("cls", "mean"):
+        assert res[p]["knn10"] == pytest.approx(mae_synthetic[0][p]["knn10"])
+        assert res[p]["knn20"] == pytest.approx(mae_synthetic[0][p]["knn20"])
+    # its config names the head count: a --num_heads against it is one error line, nothing written
+    assert_user_error(run_eval("--init_from", tmp_path / "maect_nano8.th", "--dataset", "synthetic", "--num_heads", 2,
+                               "--out_dir", tmp_path / "eval2"), "records 4 attention heads")
+    assert not (tmp_path / "eval2").exists()
+
+
 def test_results_json_is_whole_or_absent(ckpts, tmp_path, monkeypatch):
     """Stopped while results.json is written (here the disk fills up half-way): no results.json at all, since
     reproduce.sh takes an existing one as "evaluated already" and its table would fail on half a JSON."""

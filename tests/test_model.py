@@ -364,6 +364,59 @@ def test_num_heads_of_a_file_without_config():
         common.encoder_from_checkpoint(ours, "f", num_heads=2)
 
 
+def authors_file(enc, heads):
+    """An encoder saved as the MAE-CT authors release theirs (ml-jku/MAE-CT, `maect_base16.th`), written out from
+    their checkpoint writer and ViT, independent of common.py: {"state_dict", "ctor_kwargs" (their YAML model
+    config)}, timm's key names, and a position embedding without the CLS row (their eval_probe_timm.py pads one)."""
+    sd = {k: v.clone() for k, v in enc.state_dict().items()}
+    sd["pos_embed"] = sd["pos_embed"][:, 1:]
+    kwargs = {"kind": "vit.masked_encoder", "patch_size": enc.patch_embed.proj.kernel_size[0],
+              "embedding_dim": sd["cls_token"].shape[-1], "depth": len(enc.blocks), "attention_heads": heads,
+              "is_frozen": False, "optim": {"kind": "adamw", "lr": 1e-4, "betas": [0.9, 0.95]}}
+    return {"state_dict": sd, "ctor_kwargs": kwargs}
+
+
+def test_the_authors_released_encoders_load_with_their_head_count(tmp_path):
+    """ml-jku/MAE-CT's released encoders (MAE re-implementation, MAE-CT, MAE-CT_aug) load as official weights and
+    compute what the saved encoder computes; their config names the head count, which is used (here 2 against
+    the preset's 4) and checked against --num_heads."""
+    cfg = dict(model_config("vit_nano", 32, 4, 3), num_heads=2)
+    enc = init_weights(VisionTransformer(**cfg))
+    with torch.no_grad():
+        enc.cls_token.normal_()  # not the init's small values: a swapped CLS token/row would show
+    torch.save(authors_file(enc, heads=2), tmp_path / "maect_nano4.th")
+    ckpt = common.load_checkpoint(str(tmp_path / "maect_nano4.th"), stages=["mae", "official"])
+    assert ckpt["stage"] == "official"
+    cfg2, sd = common.encoder_from_checkpoint(ckpt, "maect_nano4.th")
+    assert cfg2 == cfg
+    enc2 = VisionTransformer(**cfg2)
+    enc2.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc(x), enc2(x))
+    assert common.encoder_from_checkpoint(ckpt, "f", num_heads=2)[0] == cfg
+    with pytest.raises(common.UserError, match="records 2 attention heads"):
+        common.encoder_from_checkpoint(ckpt, "f", num_heads=4)
+    # without a head count in its config (or with a non-integer one), the preset's, as for an official file
+    bare_kwargs = authors_file(enc, heads=None)
+    assert common.encoder_from_checkpoint(common.weights_file(bare_kwargs), "f")[0]["num_heads"] == 4
+    bare_kwargs["ctor_kwargs"] = None
+    assert common.encoder_from_checkpoint(common.weights_file(bare_kwargs), "f")[0]["num_heads"] == 4
+
+
+def test_a_bare_state_dict_loads_as_official_weights_and_other_dicts_do_not(tmp_path):
+    enc = init_weights(VisionTransformer(**model_config("vit_nano", 32, 4, 3)))
+    torch.save(enc.state_dict(), tmp_path / "vit.pth")  # torch.save(model.state_dict()), as timm's files
+    ckpt = common.load_checkpoint(str(tmp_path / "vit.pth"), stages=["official"])
+    assert ckpt["stage"] == "official" and ckpt["model"].keys() == enc.state_dict().keys()
+    assert common.encoder_from_checkpoint(ckpt, "f")[0] == model_config("vit_nano", 32, 4, 3)
+    for other in ({"weight": torch.zeros(2)}, {"cls_token": torch.zeros(1, 1, 64), "note": "x"},
+                  {"state_dict": [1, 2]}):
+        torch.save(other, tmp_path / "other.pth")
+        with pytest.raises(common.UserError, match="nor ViT weights in a layout we know"):
+            common.load_checkpoint(str(tmp_path / "other.pth"))
+
+
 def test_pos_embed_without_cls_row_gets_padded():
     torch.manual_seed(0)
     sd = {k: torch.randn(s) for k, s in official_shapes(64, 4, 32, 4).items()}
