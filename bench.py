@@ -5,9 +5,11 @@ input, after warm-up and compilation, as the median over several timed runs (CUD
 step ms, GFLOP per image and MFU (FLOPs counted with torch.utils.flop_counter on an eager copy of the step,
 against a matmul rate measured in the same run) and peak memory. `--end_to_end` adds the real path (in-memory
 dataset + batched augmentation + step) on a dataset, for the MAE step and, with ct in --stages, for stage 3.
-`--baseline` adds an MAE built from timm's Block, trained as facebookresearch/mae ships it (fp16 autocast with
-a GradScaler, unfused AdamW, eager, loss.item() and a synchronize every step) and the same model in bf16
-compiled, so the ratio to the official recipe is measured on the same card in the same run.
+`--baseline` adds an MAE built from timm's Block, trained as facebookresearch/mae ships it (timm 0.3.2's attention,
+written out rather than fused; fp16 autocast with a GradScaler that unscales for the gradient norm it logs; torch's
+default AdamW, eager, loss.item() and a synchronize every step), and the same model with today's timm (fused
+attention) in bf16 compiled, so the ratio to the official recipe is measured on the same card in the same run.
+Feature extraction runs eager, as evaluate.py does.
 
     python bench.py --device cpu         # CPU, CI-sized: vit_nano at 32 px
     python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 256 --baseline
@@ -29,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import data
+from contrastive_tune import PAPER
 from model import MAECT, PRESETS, MaskedAutoencoder, init_weights, model_config
 
 p = common.ArgumentParser(__doc__)
@@ -151,6 +154,7 @@ def images():
 def mae_step(model, opt, autocast, scaler=None, official_sync=False, official=False):
     x = images()
     L = model.grid ** 2
+    params = list(model.parameters())
 
     def step():
         noise = None if official else torch.rand(B, L, device=dev)  # masks drawn eagerly, as pretrain_mae.py does
@@ -160,8 +164,10 @@ def mae_step(model, opt, autocast, scaler=None, official_sync=False, official=Fa
         if scaler is None:
             loss.backward()
             opt.step()
-        else:  # the official recipe: fp16 with loss scaling
+        else:  # the official recipe: fp16 with loss scaling; its scaler unscales to compute the gradient norm it logs
             scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.stack([q.grad.detach().norm() for q in params if q.grad is not None]).norm()
             scaler.step(opt)
             scaler.update()
         if official_sync:  # the official loop reads the loss and synchronises every step
@@ -170,7 +176,7 @@ def mae_step(model, opt, autocast, scaler=None, official_sync=False, official=Fa
     return step
 
 
-def build_mae(blocks_from_timm=False):
+def build_mae(blocks_from_timm=False, fused_attention=True):
     model = MaskedAutoencoder(**cfg)
     if blocks_from_timm:  # the official models_mae.py builds its blocks from timm
         from functools import partial
@@ -180,12 +186,14 @@ def build_mae(blocks_from_timm=False):
                                            for _ in range(cfg["depth"]))
         model.decoder_blocks = torch.nn.ModuleList(Block(cfg["decoder_embed_dim"], cfg["decoder_num_heads"], 4.0,
                                                          qkv_bias=True, norm_layer=ln) for _ in range(cfg["decoder_depth"]))
+        for block in (*model.blocks, *model.decoder_blocks):  # timm 0.3.2, which MAE pins: q @ k^T, softmax, @ v
+            block.attn.fused_attn = fused_attention
     return init_weights(model).to(dev)
 
 
-def nnclr_step(stage, compile=True, batches=None, cfg=cfg):
-    """One step of init_head.py (stage 'head': whole encoder frozen) or contrastive_tune.py ('ct'), on one fixed
-    synthetic batch, or on the next (idx, [view0, view1]) of `batches` (the real data path)."""
+def nnclr_step(stage, compile=True, batches=None, cfg=cfg, topk=20):
+    """One step of init_head.py (stage 'head': whole encoder frozen, top-1) or contrastive_tune.py ('ct', top-k), on
+    one fixed synthetic batch, or on the next (idx, [view0, view1]) of `batches` (the real data path)."""
     model = MAECT(cfg, args.queue_size, cfg["pooling"], target=stage == "ct")
     init_weights(model)
     depth = cfg["depth"]
@@ -202,13 +210,12 @@ def nnclr_step(stage, compile=True, batches=None, cfg=cfg):
     opt = common.adamw(groups, common.BETAS, dev)
     common.set_lr(opt, 1e-4)
     fwd = common.compile_nnclr(model, args.compile_mode or "default") if args.compile and compile else model  # as the scripts
-    fixed = torch.arange(B, device=dev), [images(), images()]
-    batches = batches or itertools.repeat(fixed)
+    batches = batches or itertools.repeat((torch.arange(B, device=dev), [images(), images()]))
 
     def step():
         idx, views = next(batches)
         with proc.autocast():
-            loss, z0, _ = fwd(views, idx, 0.15, 1 if stage == "head" else 20)
+            loss, z0, _ = fwd(views, idx, 0.15, 1 if stage == "head" else topk)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,9 +225,10 @@ def nnclr_step(stage, compile=True, batches=None, cfg=cfg):
     return step
 
 
-def features_step(compile=True):
+def features_step():
+    """evaluate.py's forward: the whole encoder, no masking, eager (evaluate.py does not compile: one pass)."""
     enc = MaskedAutoencoder(**cfg).to(dev).eval()
-    fwd = torch.compile(enc.forward_features) if args.compile and compile else enc.forward_features
+    fwd = enc.forward_features
     x = images()
 
     @torch.no_grad()
@@ -246,9 +254,10 @@ def e2e_step(stage="mae"):
     views = "mae" if stage == "mae" else args.ct_views
     batches = endless(data.ViewLoader(train, B, views, 1 if stage == "mae" else 2, args.img_size, dev, num_workers=8))
     if stage == "ct":
-        return nnclr_step("ct", batches=batches, cfg=cfg_e)
+        return nnclr_step("ct", batches=batches, cfg=cfg_e, topk=PAPER[args.ct_views]["topk"])
     model = init_weights(MaskedAutoencoder(**cfg_e)).to(dev)
     opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), common.BETAS, dev)
+    common.set_lr(opt, 1e-4)
     fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     def step():
@@ -301,6 +310,7 @@ def bench(name, make, flops_make=None):
 def eager_mae():  # flop counting needs an uncompiled copy of the same step
     model = build_mae()
     opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), common.BETAS, dev)
+    common.set_lr(opt, 1e-4)
     return mae_step(model, opt, proc.autocast)
 
 
@@ -309,6 +319,7 @@ if "mae" in stages:
     def ours():
         model = build_mae()
         opt = common.adamw(common.decay_groups(model.named_parameters(), 0.05), common.BETAS, dev)
+        common.set_lr(opt, 1e-4)  # as the official row's: the weights change every step
         return mae_step(torch.compile(model, mode=args.compile_mode) if args.compile else model, opt, proc.autocast)
     bench("mae (ours)" + mode, ours, eager_mae)
 if "head" in stages:
@@ -316,18 +327,19 @@ if "head" in stages:
 if "ct" in stages:
     bench("contrastive tuning (ours)" + mode, lambda: nnclr_step("ct"), lambda: nnclr_step("ct", compile=False))
 if "features" in stages:
-    bench("feature extraction (ours)", features_step, lambda: features_step(compile=False))
+    bench("feature extraction (ours, eager as evaluate.py)", features_step)
 if args.baseline:
-    def official(compiled):
-        model = build_mae(blocks_from_timm=True)
+    def official(compiled):  # compiled: today's timm (fused attention); as shipped: timm 0.3.2's written-out attention
+        model = build_mae(blocks_from_timm=True, fused_attention=compiled)
         opt = torch.optim.AdamW(common.decay_groups(model.named_parameters(), 0.05), lr=1e-4, betas=(0.9, 0.95))
         if compiled:  # the same code with bf16 autocast and torch.compile, in our mode: like is compared with like
             return mae_step(torch.compile(model, mode=args.compile_mode), opt, proc.autocast, official=True)
         fp16 = lambda: torch.autocast(dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
         return mae_step(model, opt, fp16, torch.amp.GradScaler(dev.type, enabled=cuda), official_sync=True, official=True)
-    bench("mae, official recipe (timm blocks, fp16, eager)", lambda: official(False), eager_mae)
+    bench("mae, official recipe as shipped (timm 0.3.2 attention, fp16, grad norm, eager)", lambda: official(False),
+          eager_mae)
     if args.compile:
-        bench("mae, official code bf16 + compile" + mode, lambda: official(True), eager_mae)
+        bench("mae, official model bf16 + compile (fused attention)" + mode, lambda: official(True), eager_mae)
 if args.end_to_end and "mae" in stages:
     bench(f"mae end-to-end on {args.end_to_end} (loader + aug + step){mode}", e2e_step, False)
 if args.end_to_end and "ct" in stages:

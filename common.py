@@ -223,6 +223,8 @@ def setup(args):
         raise UserError(f"--device {dev}: use cuda, cuda:N or cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no GPU is visible")
+    if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {dev}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 ...)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
@@ -232,6 +234,8 @@ def setup(args):
             torch.cuda.set_device(local)
             dev = f"cuda:{local}"
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    elif dev.startswith("cuda:"):  # the current device too: memory stats, CUDA graphs and events follow it, not the tensors
+        torch.cuda.set_device(int(dev[5:]))
     device = torch.device(dev)
     args.device = str(device)  # resolved, for the config line and the checkpoint's arguments
     if getattr(args, "warmup_epochs", 0) is None:

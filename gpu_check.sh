@@ -73,7 +73,8 @@ vitt() {  # ViT-T/4 on 32 px, batch 1024: the MAE step and the real path (in-mem
       --steps 20 --runs 3 --end_to_end imagefolder --data_path .devdata/cifar10-5k \
       --json "$OUT/bench_vitt_cudagraphs.json" 2>&1 | tee "$OUT/bench_vitt_cudagraphs.log"
 }
-vitb() {  # MAE ViT-B/16, 224 px, batch 256: ours vs the official recipe (fp16 eager) and the official model compiled.
+vitb() {  # MAE ViT-B/16, 224 px, batch 256: ours vs the official recipe as shipped (fp16 eager, timm 0.3.2's attention,
+          # the gradient norm; since session 30) and the official model compiled (today's timm: fused attention).
           # VITB_FLAGS go to bench.py last, e.g. "--compile_mode reduce-overhead" or "--compile_mode
           # max-autotune-no-cudagraphs" (issue 5: neither tried on ViT-B yet; bench.py compiles ours and the official
           # model in that mode)

@@ -29,6 +29,28 @@ def test_setup_seeds_the_model_init_with_the_runs_seed():
     assert torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])
 
 
+def test_a_single_process_on_cuda_n_makes_gpu_n_the_current_device(monkeypatch):
+    """--device cuda:1 without torchrun: GPU 1 becomes the current device (torch.cuda's memory statistics, events
+    and CUDA graphs follow the current device, not the tensors: before, they all read GPU 0); a GPU that is not
+    there is one error line. No GPU here: torch.cuda is stood in for by recorders."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # as the test above
+    try:
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: there is no GPU to save
+            for dev in ("cuda:1", "cuda"):
+                proc = common.setup(argparse.Namespace(device=dev, batch_size=8, seed=0, precision=None, compile=None))
+                assert proc.device == torch.device(dev)
+            assert calls == [1]  # plain "cuda" keeps the current device
+            with pytest.raises(common.UserError, match="only 2 GPU"):
+                common.setup(argparse.Namespace(device="cuda:2", batch_size=8, seed=0, precision=None, compile=None))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def test_progress_line_counts_the_images_since_the_last_line(monkeypatch, tmp_path, capsys):
     """A run resumed at step 40 logs every 10 steps of 10 images: its first line's img/s counts the 10 steps
     since the resume (not 50) and says that it includes startup, the next the 10 since the first line, one after an
