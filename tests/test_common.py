@@ -51,6 +51,19 @@ def test_a_single_process_on_cuda_n_makes_gpu_n_the_current_device(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+def test_seed_step_draws_differ_with_the_seed_too():
+    """--seed changes every per-step draw (masks, crops, top-k picks), not only the init: a seed sweep that
+    repeated the same draws would report a spread too small. Seeds 0-2 x ranks 0-1 x steps 0-49, all distinct."""
+    seeds = set()
+    with torch.random.fork_rng(devices=[]):
+        for seed in range(3):
+            for rank in range(2):
+                for step in range(50):
+                    common.seed_step(seed, rank, step)
+                    seeds.add(torch.initial_seed())
+    assert len(seeds) == 3 * 2 * 50
+
+
 def test_progress_line_counts_the_images_since_the_last_line(monkeypatch, tmp_path, capsys):
     """A run resumed at step 40 logs every 10 steps of 10 images: its first line's img/s counts the 10 steps
     since the resume (not 50) and says that it includes startup, the next the 10 since the first line, one after an

@@ -4,10 +4,13 @@ CPU, vit_nano, a few steps each (about a minute in all)."""
 
 import json
 import math
+import os
 
 import pytest
+import torch
 
-from conftest import assert_same_state, load_ckpt, run_here, run_in_process, run_torchrun
+import model as model_module
+from conftest import REPO, assert_same_state, load_ckpt, run_here, run_in_process, run_torchrun
 from model import MaskedAutoencoder, model_config
 
 SMALL = ["--model", "vit_nano", "--device", "cpu"]
@@ -117,17 +120,41 @@ def test_batch_not_divisible_by_world_size(needs_torchrun, tmp_path):
     assert r.returncode != 0 and said == ["error: argument --epochs: 0 is not a positive integer (see --help)"], said
 
 
+SEED_SPY = """
+import json, os
+import common
+_seed_step = common.seed_step
+def seed_step(seed, rank, step):  # records each call, per process, then does what it did
+    with open(os.path.join(os.environ["SPY_DIR"], "calls_" + os.environ["RANK"] + ".jsonl"), "a") as f:
+        f.write(json.dumps([seed, rank, step]) + "\\n")
+    return _seed_step(seed, rank, step)
+common.seed_step = seed_step
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ddp_two_processes_smoke(needs_torchrun, tmp_path):
-    out = tmp_path / "run"
-    r = run_torchrun("pretrain_mae.py", *SYNTH, "--max_steps", "3", "--log_every", "1", "--out_dir", out, timeout=120)
+    """Two processes: the checkpoint and log as one process writes them; the lr counts the global batch (64, not
+    32 per process: 7 warm-up steps as in test_peak_lr_counts_the_views); and each process reseeds every step with
+    its own rank (the same draws on both ranks would shrink the augmentation, silently)."""
+    out, spy = tmp_path / "run", tmp_path / "shim"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(SEED_SPY)  # from outside: no test hook in the production code
+    env = {"PYTHONPATH": os.pathsep.join([str(spy), str(REPO)]), "SPY_DIR": str(tmp_path)}
+    r = run_torchrun("pretrain_mae.py", "--dataset", "synthetic", *SMALL, "--batch_size", "64", "--pictures", "0",
+                     "--epochs", "1", "--warmup_epochs", "0.1", "--blr", "3e-4", "--max_steps", "3", "--log_every", "1",
+                     "--out_dir", out, timeout=120, env=env)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     ckpt = load_ckpt(out / "ckpt.pt")
     assert ckpt["step"] == 3 and ckpt["stage"] == "mae"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert '"world": 2' in r.stdout
-    assert len(_log(out / "log.jsonl")) == 3  # rank 0 alone writes the log
+    log = _log(out / "log.jsonl")
+    assert len(log) == 3  # rank 0 alone writes the log
+    assert [row["lr"] for row in log] == pytest.approx([3e-4 * 64 / 256 * s / 7 for s in range(3)])
+    for rank in (0, 1):
+        assert _log(tmp_path / f"calls_{rank}.jsonl") == [[0, rank, s] for s in range(3)]
 
 
 def test_short_run_logs_its_last_step(tmp_path):
@@ -210,3 +237,59 @@ def test_eval_split_smaller_than_the_ranks_is_refused_at_start(tmp_path, monkeyp
     code, _, err = run_in_process("pretrain_mae.py", *SYNTH, "--eval_every", "1", "--max_steps", "2", "--out_dir", out)
     assert code == 2 and "error: val has 1 images, fewer than the 2 processes" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("wd", [0.05, 0.2])
+def test_adamw_gets_the_mae_weight_decay_and_betas(tmp_path, wd):
+    """--weight_decay on the matrices, none on biases, norms and tokens; AdamW betas (0.9, 0.95) (MAE). After one
+    step m = (1 - b1) g and v = (1 - b2) g^2, so v = 5 m^2 whatever the gradient: this checks the betas in use."""
+    code, _, err = run_in_process("pretrain_mae.py", *SYNTH, "--max_steps", "1", "--weight_decay", wd,
+                                  "--out_dir", tmp_path)
+    assert code == 0, err
+    opt = load_ckpt(tmp_path / "ckpt.pt")["optimizer"]
+    assert [g["weight_decay"] for g in opt["param_groups"]] == [wd, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in opt["param_groups"])
+    for state in opt["state"].values():
+        torch.testing.assert_close(state["exp_avg_sq"], 5 * state["exp_avg"] ** 2, rtol=1e-4, atol=1e-30)
+
+
+def test_adamw_sees_the_gradient_of_the_loss_unchanged(tmp_path, monkeypatch):
+    """Nothing between backward and the optimiser step (MAE clips nothing): the gradients AdamW steps on are the
+    loss's, recomputed here with autograd. (Adam ignores a gradient's scale on its first step, so a clip would
+    not show in the weights of a short run.)"""
+    wanted, seen = [], []
+    forward, adamw_step = model_module.MaskedAutoencoder.forward, torch.optim.AdamW.step
+
+    def spy_forward(self, imgs, mask_ratio=0.75, noise=None):
+        out = forward(self, imgs, mask_ratio, noise)
+        params = [p for p in self.parameters() if p.requires_grad]
+        wanted.append(sorted(float(g.norm()) for g in torch.autograd.grad(out[0], params, retain_graph=True)))
+        return out
+
+    def spy_step(self, *a, **k):
+        seen.append(sorted(float(p.grad.norm()) for g in self.param_groups for p in g["params"]))
+        return adamw_step(self, *a, **k)
+    monkeypatch.setattr(model_module.MaskedAutoencoder, "forward", spy_forward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    code, _, err = run_in_process("pretrain_mae.py", *SYNTH, "--max_steps", "2", "--out_dir", tmp_path)
+    assert code == 0, err
+    assert len(wanted) == len(seen) == 2
+    for w, s in zip(wanted, seen):
+        assert s == pytest.approx(w, rel=1e-5)
+
+
+def test_two_views_of_an_image_are_masked_independently(tmp_path, monkeypatch):
+    """--num_views 2 (the MAE-CT authors' stage 1): each view gets masks of its own, as a second image would."""
+    masks, random_masking = [], model_module.VisionTransformer.random_masking
+
+    def spy(self, x, mask_ratio, noise=None):
+        out = random_masking(self, x, mask_ratio, noise)
+        masks.append(out[1])
+        return out
+    monkeypatch.setattr(model_module.VisionTransformer, "random_masking", spy)
+    code, _, err = run_in_process("pretrain_mae.py", *SYNTH, "--num_views", "2", "--max_steps", "1",
+                                  "--out_dir", tmp_path)
+    assert code == 0, err
+    (mask,) = masks
+    assert mask.shape == (64, 64)  # 2 views x 32 images, 8 x 8 patches
+    assert (mask[:32] != mask[32:]).any(dim=1).all()
